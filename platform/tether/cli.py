@@ -1,0 +1,116 @@
+"""tether command line.
+
+    tether train JOB.yaml [key=value ...] [--summary PATH]
+    tether validate JOB.yaml [key=value ...]
+
+Overrides use the spec's dotted keys: ``objective.lambda=0.1 scaling.num_workers=2``.
+Exit status is 0 on success, 2 for an invalid spec, 1 for a failed run, with a one-line
+reason at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return args.handler(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tether", description="Anchored fine-tuning (L2-SP) on Ray: train, search, serve."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune with the anchored objective on Ray Train")
+    _job_args(train)
+    train.add_argument("--summary", type=Path, help="write the run summary JSON here")
+    train.add_argument(
+        "--verbose", action="store_true", help="show Ray's own worker logs as well as progress"
+    )
+    train.set_defaults(handler=cmd_train)
+
+    validate = sub.add_parser("validate", help="validate a job spec and print it resolved")
+    _job_args(validate)
+    validate.set_defaults(handler=cmd_validate)
+    return parser
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", type=Path, help="job spec YAML (see jobs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override spec keys")
+
+
+def _load(args):
+    from tether.config import load_job
+
+    return load_job(args.job, args.overrides)
+
+
+def cmd_validate(args) -> int:
+    import yaml
+
+    from tether.config import SpecError
+
+    try:
+        spec = _load(args)
+    except SpecError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from tether.config import SpecError
+    from tether.data import DataError
+
+    try:
+        spec = _load(args)
+        from tether.launch import prepare_run_data
+
+        data = prepare_run_data(spec)
+    except (SpecError, DataError) as e:
+        print(e, file=sys.stderr)
+        print("tether: invalid job spec; nothing was started", file=sys.stderr)
+        return 2
+    from tether.launch import run_training
+
+    print(
+        f"tether: training {spec.model.name} on {data.lineage['num_train']} examples "
+        f"(λ={spec.objective.lam}, {spec.objective.mode}) with "
+        f"{spec.scaling.num_workers or 'in-process'} worker(s)",
+        flush=True,
+    )
+    try:
+        outcome = run_training(spec, data=data, verbose=args.verbose)
+    except Exception as e:  # one line at the end; Ray has already printed the traceback
+        print(f"tether: training failed: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        return 1
+    summary = outcome.summary
+    if args.summary:
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        args.summary.write_text(json.dumps(summary, indent=2))
+    m = summary["metrics"]
+    print(
+        f"tether: done: eval/accuracy {m.get('eval/accuracy', float('nan')):.4f} "
+        f"macro_f1 {m.get('eval/macro_f1', float('nan')):.4f}; model: {summary['model_dir']}"
+    )
+    return 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
