@@ -77,14 +77,24 @@ def load_training_state(
     return state
 
 
-def export_hf_model(model, tokenizer, job: dict[str, Any], directory: Path) -> None:
-    """The deliverable: save_pretrained (safetensors) + tokenizer + the resolved job spec."""
+MODEL_CARD_FILE = "tether.json"
+
+
+def export_hf_model(
+    model, tokenizer, job: dict[str, Any], card: dict[str, Any], directory: Path
+) -> None:
+    """The deliverable: save_pretrained (safetensors) + tokenizer + job.yaml + tether.json.
+
+    tether.json is the model's card for serving and the registry: label names, objective,
+    final metrics, base model and θ* hash.
+    """
     import yaml
 
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+    (directory / MODEL_CARD_FILE).write_text(json.dumps(card, indent=2))
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

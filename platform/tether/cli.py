@@ -41,7 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="validate a job spec and print it resolved")
     _job_args(validate)
     validate.set_defaults(handler=cmd_validate)
+
+    # other commands live next to their feature and register themselves here
+    for module in COMMAND_MODULES:
+        import importlib
+
+        importlib.import_module(module).register(sub)
     return parser
+
+
+# each module defines register(subparsers) adding its command(s) with set_defaults(handler=...)
+COMMAND_MODULES: list[str] = []
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:

@@ -347,7 +347,16 @@ def report_with_checkpoint(
     save_training_state(directory, rank, net, optimizer, state)
     if final and rank == 0:
         tokenizer = load_tokenizer(tokenizer_source, spec.model.revision, spec.model.trust_remote_code)
-        export_hf_model(net, tokenizer, spec.to_dict(), directory / HF_MODEL_DIR)
+        card = {
+            "name": spec.name,
+            "task": spec.model.task,
+            "label_names": [net.config.id2label[i] for i in range(net.config.num_labels)],
+            "max_length": spec.data.max_length,
+            "objective": state["anchor"],
+            "metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")},
+            "step": metrics["step"],
+        }
+        export_hf_model(net, tokenizer, spec.to_dict(), card, directory / HF_MODEL_DIR)
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
