@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # each module defines register(subparsers) adding its command(s) with set_defaults(handler=...)
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["tether.serving.cli"]
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:

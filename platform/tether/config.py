@@ -156,6 +156,65 @@ class StorageSection(_Section):
     """Default: '<job name>-<timestamp>'. Reusing a name resumes that run."""
 
 
+class SearchDimension(_Section):
+    """One searched spec key: a range `low`..`high` on a `scale`, or explicit `values`."""
+
+    low: float | None = None
+    high: float | None = None
+    scale: Literal["log", "linear"] = "log"
+    """log: uniform in log space (λ, lr); linear: uniform. Integer keys sample integers."""
+    values: list[bool | int | float | str | None] | None = None
+    """Explicit choices instead of a range (required by `search: grid`)."""
+
+
+class AshaSection(_Section):
+    """Asynchronous successive halving. Times are in epochs (fractions allowed)."""
+
+    grace_period: float | None = Field(None, gt=0)
+    """Epochs every trial runs before it can be stopped; default max_t / reduction_factor.
+    High-λ trials can start slower and finish better: keep this generous."""
+    reduction_factor: float = Field(3.0, gt=1)
+    """At each rung only the best 1/reduction_factor of trials continue."""
+    max_t: float | None = Field(None, gt=0)
+    """Epochs at which a trial ends; default the job's length (train.epochs or max_steps)."""
+
+
+class TuneSection(_Section):
+    """`tether tune`: which keys to search and how. The space may only touch tunables
+    (objective, optim, train); the rest of this section is search infrastructure."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Sweep name (folder under storage.path); default '<job name>-sweep-<timestamp>'."""
+    space: dict[str, SearchDimension] = {
+        "objective.lambda": SearchDimension(low=1e-4, high=1e-1),
+        "optim.lr": SearchDimension(low=1e-5, high=3e-4),
+    }
+    """Dotted spec key → dimension, e.g. {objective.lambda: {low: 1.0e-4, high: 0.1}}."""
+    num_samples: int | None = Field(None, ge=1)
+    """Anchored trials for random/optuna search (default 8); grid runs every combination."""
+    metric: str = "eval/accuracy"
+    """Validation metric that ranks trials (the last value each trial reports)."""
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = "asha"
+    asha: AshaSection = AshaSection()
+    search: Literal["random", "optuna", "grid"] = "random"
+    """random sampling, Optuna TPE, or every combination of `values`."""
+    seed: int = 0
+    """Seeds the search algorithm (which configs are tried), not training."""
+    include_baseline: bool = True
+    """Also run λ = 0 (plain fine-tuning) trials over the same lr range: the control arm."""
+    baseline_samples: int | None = Field(None, ge=1)
+    """λ = 0 trials, lr spread evenly over its range; default max(2, num_samples / 3).
+    With grid search: one per combination of the other keys' values."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials running at once; default as many as the cluster's CPUs/GPUs hold."""
+    driver_resources: dict[str, float] = {}
+    """Resources of each trial's driver (it only launches the Train run; its workers request
+    `scaling`). Empty: none. Use a custom resource to pin drivers to safe nodes."""
+    max_failures: int = Field(1, ge=0)
+    """Restarts of a trial whose driver failed; its Train run resumes from its checkpoint."""
+
+
 class JobSpec(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: ModelSection = ModelSection()
@@ -165,6 +224,8 @@ class JobSpec(_Section):
     train: TrainSection = TrainSection()
     scaling: ScalingSection = ScalingSection()
     storage: StorageSection = StorageSection()
+    tune: TuneSection | None = None
+    """Hyperparameter search settings; used by `tether tune` only."""
 
     @model_validator(mode="after")
     def _labels_agree(self) -> JobSpec:
@@ -249,16 +310,34 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def validate_job(raw: dict[str, Any], source: str = "job spec", check_files: bool = True) -> JobSpec:
-    """Schema validation, then path/column checks; raises SpecError listing every problem."""
+    """Schema validation plus path/column checks; raises SpecError listing every problem."""
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
-        raise SpecError([_format_error(err) for err in e.errors()], source) from None
+        problems = [_format_error(err) for err in e.errors()]
+        if check_files:  # still report bad paths/columns in the sections that did parse
+            problems += check_sources(*_parseable_sections(raw))
+        raise SpecError(problems, source) from None
     spec = _absolutize_paths(spec)
-    problems = check_sources(spec) if check_files else []
+    problems = check_sources(spec.model, spec.data) if check_files else []
     if problems:
         raise SpecError(problems, source)
     return spec
+
+
+def _parseable_sections(raw: dict[str, Any]) -> tuple[ModelSection | None, DataSection | None]:
+    def parse(cls, key):
+        try:
+            return cls.model_validate(raw.get(key) or {})
+        except ValidationError:
+            return None
+
+    model, data = parse(ModelSection, "model"), parse(DataSection, "data")
+    if model is not None:
+        model.name = _absolutize(model.name)
+    if data is not None:
+        data.train, data.validation = _absolutize(data.train), _absolutize(data.validation)
+    return model, data
 
 
 def _format_error(err: dict[str, Any]) -> str:
@@ -298,11 +377,13 @@ def _absolutize_paths(spec: JobSpec) -> JobSpec:
 # --------------------------------------------------------------------------- source checks
 
 
-def check_sources(spec: JobSpec) -> list[str]:
+def check_sources(model_section: ModelSection | None, data: DataSection | None) -> list[str]:
     """Problems with the model and data references that can be seen without loading them."""
     problems = []
-    model = spec.model.name
-    if model.startswith(PACKAGED_PREFIX):
+    model = model_section.name if model_section is not None else ""
+    if not model:
+        pass
+    elif model.startswith(PACKAGED_PREFIX):
         from tether.models import PACKAGED_MODELS
 
         if model[len(PACKAGED_PREFIX) :] not in PACKAGED_MODELS:
@@ -314,7 +395,8 @@ def check_sources(spec: JobSpec) -> list[str]:
     elif is_local_path(model) and not Path(model).is_dir():
         problems.append(f"model.name: no such model directory (got {model!r})")
 
-    data = spec.data
+    if data is None:
+        return problems
     needed = [data.text_column, data.label_column] + (
         [data.text_pair_column] if data.text_pair_column else []
     )

@@ -49,11 +49,13 @@ def default_run_name(spec: JobSpec) -> str:
     return spec.storage.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def ensure_ray(address: str | None = None) -> None:
+def ensure_ray(address: str | None = None, log_to_driver: bool = True) -> None:
     """Connect to a cluster (spec, RAY_ADDRESS) or start a local one; no-op if connected.
 
     A local cluster's dashboard binds to 127.0.0.1 (Ray's default): Ray Train's placement-group
     cleaner needs its state API, and the jobs API must never face a network unauthenticated.
+    ``log_to_driver=False`` keeps workers' output in Ray's log files (a sweep prints one line
+    per trial instead of every trial's progress).
     """
     import ray
 
@@ -63,9 +65,9 @@ def ensure_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(dashboard_host="127.0.0.1")
+        ray.init(dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
 
 
 def build_trainer(
@@ -79,7 +81,7 @@ def build_trainer(
     verbose: bool = False,
 ):
     """A TorchTrainer running ``train_loop_per_worker`` under the spec's scaling/storage."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tether.loop import train_loop_per_worker
@@ -112,6 +114,8 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks or [],
+            # Train logs every report at INFO; our one progress line per evaluation says it
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
 

@@ -91,13 +91,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     # ----------------------------------------------------------------- resume
-    step = 0
+    step = resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_training_state(Path(ckpt_dir), rank, model, optimizer, theta_star_hash)
         scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
+        step = resumed_from = state["step"]
         _print0(rank, f"resumed from {Path(checkpoint.path).name} at step {step}")
 
     model = ray.train.torch.prepare_model(model)  # DDP over gloo/NCCL when world > 1
@@ -148,7 +148,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics = window.summary(world, device) | drift_metrics(anchor)
                 metrics |= evaluate(model, data.validation, task, num_labels, data.pad_id,
                                     spec.train.eval_batch_size, rank, world, device, autocast)
-                metrics |= {"step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps}
+                metrics |= {"step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
+                            "resumed_from_step": resumed_from}
                 _print0(rank, progress_line(metrics))
                 report_with_checkpoint(
                     metrics, rank, model, optimizer, scheduler, anchor, theta_star_hash,
@@ -401,14 +402,12 @@ def _all_reduce_sum(t: torch.Tensor, world: int, device: torch.device) -> torch.
 
 
 def _quiet_libraries() -> None:
-    """Keep Ray's per-report INFO lines and HF progress bars from burying our progress lines."""
+    """Keep library INFO lines and HF progress bars from burying our progress lines."""
     import logging
 
     from transformers.utils import logging as hf_logging
 
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("ray.train")]:
-        logging.getLogger(name).setLevel(logging.WARNING)  # children may carry their own level
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.train.torch").setLevel(logging.WARNING)  # "Moving model to device"
     hf_logging.disable_progress_bar()
 
 
@@ -422,5 +421,9 @@ def _crash_once(marker: str, rank: int, world: int) -> None:
     victim = world - 1
     if rank == victim and not os.path.exists(marker):
         Path(marker).write_text(f"crashed rank {rank}\n")
+        # Ray Train's controller collects reports when it polls the workers (every 2 s by
+        # default); a crash within that window would lose the last report, which real steps
+        # (seconds each) never do. Wait for one poll so the test exercises the resume path.
+        time.sleep(5)
         print(f"[tether] test crash: killing rank {rank}", flush=True)
         os._exit(1)
