@@ -104,14 +104,17 @@ def add_anchor_grad_(anchor: Anchor | None) -> None:
 
     Call once per optimizer step, after backward (so after DDP's all-reduce: every replica
     holds the same θ and adds the same term) and before clipping and the optimizer step.
+    Two fused in-place passes (grad += 2λθ; grad −= 2λθ*) instead of materialising θ − θ*:
+    no θ-sized temporary per step (measured: half the op's time on MiniLM, CPU).
     """
     if anchor is None or anchor.mode != "coupled":
         return
-    live = [(p, d) for p, d in zip(anchor.params, _drift(anchor), strict=True)]
-    for p, _ in live:
+    for p in anchor.params:
         if p.grad is None:  # a parameter the batch did not touch still feels the anchor
             p.grad = torch.zeros_like(p)
-    torch._foreach_add_([p.grad for p, _ in live], [d for _, d in live], alpha=2.0 * anchor.lam)
+    grads = [p.grad for p in anchor.params]
+    torch._foreach_add_(grads, [p.detach() for p in anchor.params], alpha=2.0 * anchor.lam)
+    torch._foreach_add_(grads, anchor.targets, alpha=-2.0 * anchor.lam)
 
 
 @torch.no_grad()
@@ -126,8 +129,9 @@ def pull_toward_anchor_(anchor: Anchor | None, lr: float) -> None:
     weight = min(lr * anchor.lam, 1.0)  # never overshoot θ*
     if anchor.targets and anchor.targets[0].dtype == anchor.params[0].dtype:
         torch._foreach_lerp_(anchor.params, anchor.targets, weight)
-    else:
-        torch._foreach_add_(anchor.params, _drift(anchor), alpha=-weight)
+    else:  # lerp needs equal dtypes: θ(1 − w) + w·θ*, still in place
+        torch._foreach_mul_(anchor.params, 1.0 - weight)
+        torch._foreach_add_(anchor.params, anchor.targets, alpha=weight)
 
 
 @torch.no_grad()

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(train)
     train.add_argument("--summary", type=Path, help="write the run summary JSON here")
     train.add_argument(
+        "--register", action="store_true",
+        help="register the model in MLflow (alias challenger; champion only if it is better)",
+    )
+    train.add_argument(
         "--verbose", action="store_true", help="show Ray's own worker logs as well as progress"
     )
     train.set_defaults(handler=cmd_train)
@@ -51,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # each module defines register(subparsers) adding its command(s) with set_defaults(handler=...)
-COMMAND_MODULES: list[str] = ["tether.serving.cli"]
+COMMAND_MODULES: list[str] = ["tether.serving.cli", "tether.sweep_cli", "tether.registry_cli"]
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -101,7 +105,7 @@ def cmd_train(args) -> int:
         flush=True,
     )
     try:
-        outcome = run_training(spec, data=data, verbose=args.verbose)
+        outcome = run_training(spec, data=data, verbose=args.verbose, register=args.register)
     except Exception as e:  # one line at the end; Ray has already printed the traceback
         print(f"tether: training failed: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
         return 1
@@ -114,6 +118,8 @@ def cmd_train(args) -> int:
         f"tether: done: eval/accuracy {m.get('eval/accuracy', float('nan')):.4f} "
         f"macro_f1 {m.get('eval/macro_f1', float('nan')):.4f}; model: {summary['model_dir']}"
     )
+    if summary.get("mlflow_run_id"):
+        print(f"tether: MLflow run {summary['mlflow_run_id']} ({summary['tracking']})")
     return 0
 
 

@@ -215,6 +215,16 @@ class TuneSection(_Section):
     """Restarts of a trial whose driver failed; its Train run resumes from its checkpoint."""
 
 
+class TrackingSection(_Section):
+    enabled: bool = True
+    """Record the run in MLflow."""
+    uri: str | None = None
+    """Tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
+    experiment: str = "tether"
+    registered_model: str | None = None
+    """Registry name for this job's models; default: the job name."""
+
+
 class JobSpec(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: ModelSection = ModelSection()
@@ -226,6 +236,8 @@ class JobSpec(_Section):
     storage: StorageSection = StorageSection()
     tune: TuneSection | None = None
     """Hyperparameter search settings; used by `tether tune` only."""
+    tracking: TrackingSection = TrackingSection()
+    """MLflow tracking and registry."""
 
     @model_validator(mode="after")
     def _labels_agree(self) -> JobSpec:

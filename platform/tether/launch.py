@@ -127,8 +127,17 @@ def run_training(
     extra_loop_config: dict[str, Any] | None = None,
     callbacks: list | None = None,
     verbose: bool = False,
+    parent_run_id: str | None = None,
+    register: bool = False,
 ) -> TrainOutcome:
-    """Prepare data, fit on Ray Train, copy the final model out; returns the run summary."""
+    """Prepare data, fit on Ray Train, copy the final model out, record it in MLflow.
+
+    Returns the run summary (also written to <run_dir>/summary.json). With ``register``, the
+    model becomes a new registry version (alias `challenger`) and takes `champion` only if it
+    beats the current champion on the same validation data.
+    """
+    from tether.tracking import close_run, open_run, worker_tracking
+
     data = data if data is not None else prepare_run_data(spec)
     run_name = default_run_name(spec)
     run_dir = Path(spec.storage.path) / run_name
@@ -137,13 +146,24 @@ def run_training(
         ensure_ray(spec.scaling.address)
     import ray
 
+    recorder = open_run(spec, run_name, data, parent_run_id)
+    loop_extra = {"tracking": worker_tracking(recorder)} | (extra_loop_config or {})
     payload = data if local else ray.put(data)  # shipped once to the object store
     trainer = build_trainer(
         spec, payload, run_name, spec.storage.path,
-        extra_loop_config=extra_loop_config, callbacks=callbacks, verbose=verbose,
+        extra_loop_config=loop_extra, callbacks=callbacks, verbose=verbose,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        close_run(recorder, {"metrics": {}}, status="FAILED")
+        raise
     summary = summarize(spec, result, run_name, run_dir, data)
+    close_run(recorder, summary)
+    if register and summary.get("model_uri"):
+        from tether.registry import register_and_gate
+
+        summary["registry"] = register_and_gate(spec, summary, data)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return TrainOutcome(summary=summary, result=result)
@@ -178,4 +198,5 @@ def summarize(
         "objective": {"lambda": spec.objective.lam, "mode": spec.objective.mode},
         "data": data.lineage,
         "label_names": data.label_names,
+        "tracking_errors": int(metrics.get("tracking_errors", 0) or 0),
     }

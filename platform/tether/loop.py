@@ -42,6 +42,7 @@ from tether.config import JobSpec
 from tether.data import EncodedSplit, PreparedData, epoch_batches
 from tether.models import freeze_parameters, load_base_model, load_tokenizer, resolve_model_source
 from tether.tasks import Task, get_task
+from tether.tracking import make_tracker
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -106,7 +107,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     autocast = torch.autocast(device.type, dtype=_AUTOCAST[precision], enabled=precision != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16-mixed")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    crash_at = config.get("_test_crash_at_step")  # test-only switch: see tests/test_fault_tolerance
+    crash_at = config.get("_test_crash_at_step")  # test-only switch: see tests/test_train_ray
+    tracker = make_tracker(config.get("tracking"), rank)  # MLflow on rank 0, else a no-op
 
     # ----------------------------------------------------------------- train
     window = Window()
@@ -150,6 +152,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                     spec.train.eval_batch_size, rank, world, device, autocast)
                 metrics |= {"step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
                             "resumed_from_step": resumed_from}
+                tracker.log_metrics(metrics, step)
+                metrics["tracking_errors"] = tracker.errors
                 _print0(rank, progress_line(metrics))
                 report_with_checkpoint(
                     metrics, rank, model, optimizer, scheduler, anchor, theta_star_hash,

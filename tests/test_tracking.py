@@ -1,0 +1,148 @@
+"""MLflow on a real SQLite store: one run per job, curves, lineage, registry and the gate."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from tether.config import validate_job
+from tether.launch import run_training
+
+pytestmark = [pytest.mark.slow]
+
+
+def job(model_dir, easy_csv, tmp, db, **over) -> dict:
+    spec = {
+        "name": "tracked",
+        "model": {"name": str(model_dir), "label_names": ["negative", "positive"]},
+        "data": {"train": str(easy_csv["train"]), "validation": str(easy_csv["validation"]),
+                 "max_length": 32},
+        "objective": {"lambda": 0.01},
+        "optim": {"lr": 3e-3, "warmup_ratio": 0.0, "new_param_lr_scale": 3.0},
+        "train": {"epochs": 4, "batch_size": 16, "eval_interval": 10, "seed": 7},
+        "scaling": {"num_workers": 2, "max_failures": 0},
+        "storage": {"path": str(tmp / "runs")},
+        "tracking": {"uri": f"sqlite:///{db}", "experiment": "tests", "registered_model": "toy"},
+    }
+    for key, value in over.items():
+        section, field = key.split("__")
+        spec[section][field] = value
+    return spec
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow")
+    return tmp, tmp / "mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def good_run(ray_cluster, tiny_model_dir, easy_csv, store):
+    """A 2-worker run, tracked and registered (the first version becomes champion)."""
+    tmp, db = store
+    spec = validate_job(job(tiny_model_dir, easy_csv, tmp, db))
+    return run_training(spec, register=True)
+
+
+def client(db):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{db}")
+
+
+def test_a_train_run_is_one_mlflow_run_with_curves_params_spec_and_data(good_run, store):
+    """Exactly one run (not one per worker) holds params, ≥2 points per curve, job.yaml, datasets."""
+    _, db = store
+    c = client(db)
+    exp = c.get_experiment_by_name("tests")
+    runs = c.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id == good_run.summary["mlflow_run_id"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["objective.lambda"] == "0.01"
+    assert run.data.params["scaling.num_workers"] == "2"
+    for key in ("train/fine_loss", "train/anchor_loss", "train/drift_l2", "eval/accuracy",
+                "train/samples_per_s", "drift/bert.encoder.layer.0"):
+        history = c.get_metric_history(run.info.run_id, key)
+        assert len(history) >= 2, key
+        assert sorted(m.step for m in history) == [m.step for m in sorted(history, key=lambda m: m.step)]
+    last_acc = max(c.get_metric_history(run.info.run_id, "eval/accuracy"), key=lambda m: m.step)
+    assert last_acc.value == pytest.approx(good_run.summary["metrics"]["eval/accuracy"])
+    assert "job.yaml" in {a.path for a in c.list_artifacts(run.info.run_id)}
+    logged = c.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert [m.source_run_id for m in logged] == [run.info.run_id]
+    assert good_run.summary["model_uri"] == logged[0].model_uri
+    contexts = {
+        tag.value
+        for d in run.inputs.dataset_inputs
+        for tag in d.tags
+        if tag.key == "mlflow.data.context"
+    }
+    assert contexts == {"training", "validation"}
+    assert run.data.tags["tether.theta_star_sha256"]
+    assert run.data.tags["tether.data_fingerprint"] == good_run.summary["data"]["fingerprint"]
+    assert good_run.summary["tracking"] == "ok"
+
+
+def test_champion_loads_with_pyfunc_and_predicts_like_the_model_dir(good_run, store, easy_csv):
+    """models:/toy@champion loads with mlflow.pyfunc and agrees with the exported folder."""
+    import mlflow
+
+    from tether.serving.model import load_served_model
+
+    _, db = store
+    assert good_run.summary["registry"]["promoted"] is True
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    model = mlflow.pyfunc.load_model("models:/toy@champion")
+    texts = list(pd.read_csv(easy_csv["validation"]).text[:20])
+    got = model.predict(pd.DataFrame({"text": texts}))
+    want = load_served_model(__import__("pathlib").Path(good_run.summary["model_dir"])).classify(texts)
+    assert list(got.label) == [p.label for p in want]
+    assert got["p_positive"].tolist() == pytest.approx([p.probabilities["positive"] for p in want],
+                                                       abs=1e-5)
+
+
+def test_a_worse_model_becomes_challenger_and_champion_stays(good_run, tiny_model_dir, easy_csv,
+                                                            store, capsys):
+    """The gate: a worse second model gets `challenger`, `champion` does not move."""
+    tmp, db = store
+    worse = validate_job(
+        job(tiny_model_dir, easy_csv, tmp, db, optim__lr=1e-7, train__max_steps=2,
+            scaling__num_workers=0)
+    )
+    outcome = run_training(worse, register=True)
+    reg = outcome.summary["registry"]
+    assert reg["promoted"] is False
+    assert reg["champion_value"] == pytest.approx(good_run.summary["metrics"]["eval/accuracy"])
+    c = client(db)
+    assert str(c.get_model_version_by_alias("toy", "champion").version) == good_run.summary["registry"]["version"]
+    assert str(c.get_model_version_by_alias("toy", "challenger").version) == reg["version"]
+    assert "champion stays" in capsys.readouterr().out
+    description = c.get_model_version("toy", reg["version"]).description
+    assert "does not beat" in description and f"{reg['champion_value']:.4f}" in description
+
+
+def test_tracking_outage_degrades_but_training_finishes(tiny_model_dir, easy_csv, tmp_path):
+    """If workers cannot reach the store, the run still completes and says tracking is degraded."""
+    db = tmp_path / "ok.db"
+    spec = validate_job(job(tiny_model_dir, easy_csv, tmp_path, db, train__max_steps=4,
+                            train__eval_interval=2, scaling__num_workers=0))
+    outcome = run_training(
+        spec,
+        extra_loop_config={"tracking": {"uri": f"sqlite:///{tmp_path}/missing/dir/x.db",
+                                        "run_id": "0" * 32}},
+    )
+    assert outcome.summary["tracking"] == "degraded"
+    assert outcome.summary["step"] == 4
+    assert (tmp_path / "runs").exists() and outcome.summary["model_dir"]
+
+
+def test_models_cli_lists_versions_with_aliases(good_run, store, capsys):
+    """`tether models list` shows each version's accuracy and aliases."""
+    from tether.cli import main
+
+    _, db = store
+    assert main(["models", "--tracking-uri", f"sqlite:///{db}", "list", "toy"]) == 0
+    out = capsys.readouterr().out
+    assert "toy" in out and "champion" in out and "v1" in out
