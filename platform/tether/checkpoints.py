@@ -6,6 +6,7 @@
       trainer_state.json   step, scheduler state, anchor identity (base model + θ* hash)
       rng_rank{r}.pt       each worker's torch RNG (dropout), so a resumed run continues exactly
       weights_rank{r}.sha256  each worker's weight hash (replicas must agree)
+      worker_rank{r}.json  the node, host and pid each worker ran on
       model/               only in the final checkpoint: the HF model + tokenizer + job.yaml
 
 θ* itself is never stored: a resumed run rebuilds it from the base model and refuses to go on
@@ -39,9 +40,15 @@ def save_training_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
+    worker: dict[str, Any] | None = None,
 ) -> None:
-    """Write this rank's share of a checkpoint (rank 0 writes the shared part)."""
+    """Write this rank's share of a checkpoint (rank 0 writes the shared part).
+
+    ``worker`` (node id, host, pid) is recorded per rank: where each replica ran.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    if worker is not None:
+        (directory / f"worker_rank{rank}.json").write_text(json.dumps(worker))
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
     # every replica records a hash of its weights: DDP replicas must never diverge
     (directory / f"weights_rank{rank}.sha256").write_text(weights_hash(model.named_parameters()))

@@ -349,7 +349,7 @@ def report_with_checkpoint(
         },
     }
     directory = Path(tempfile.mkdtemp(prefix="tether-ckpt-"))
-    save_training_state(directory, rank, net, optimizer, state)
+    save_training_state(directory, rank, net, optimizer, state, worker_identity())
     if final and rank == 0:
         tokenizer = load_tokenizer(tokenizer_source, spec.model.revision, spec.model.trust_remote_code)
         card = {
@@ -372,6 +372,15 @@ def report_with_checkpoint(
 
 
 # --------------------------------------------------------------------------- small helpers
+
+
+def worker_identity() -> dict[str, Any]:
+    import socket
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"node_id": node, "host": socket.gethostname(), "pid": os.getpid()}
 
 
 def _materialize(data):
