@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/tether train jobs/demo.yaml
+	$(BIN)/tether demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # each module defines register(subparsers) adding its command(s) with set_defaults(handler=...)
-COMMAND_MODULES: list[str] = ["tether.serving.cli", "tether.sweep_cli", "tether.registry_cli", "tether.submit"]
+COMMAND_MODULES: list[str] = ["tether.serving.cli", "tether.sweep_cli", "tether.registry_cli", "tether.submit", "tether.demo"]
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:

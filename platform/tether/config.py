@@ -378,7 +378,21 @@ def _absolutize(ref: str | None) -> str | None:
     return str(Path(ref).expanduser().resolve())
 
 
+def resolve_tracking_uri(spec_uri: str | None) -> str:
+    """Spec value, then MLFLOW_TRACKING_URI, then a SQLite file in the working directory.
+
+    Resolved once, on the driver: trial actors and workers run in other directories.
+    """
+    import os
+
+    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # relative file → absolute
+    return uri
+
+
 def _absolutize_paths(spec: JobSpec) -> JobSpec:
+    spec.tracking.uri = resolve_tracking_uri(spec.tracking.uri)
     spec.model.name = _absolutize(spec.model.name)
     spec.data.train = _absolutize(spec.data.train)
     spec.data.validation = _absolutize(spec.data.validation)

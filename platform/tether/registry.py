@@ -17,6 +17,8 @@ from typing import Any
 
 import mlflow.pyfunc
 
+from tether.tracking import resolve_tracking_uri
+
 HF_ARTIFACT = "hf_model"
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -162,17 +164,25 @@ def _champion_value(champion, metric, fingerprint, evaluate_champion, name) -> f
 
 
 def fetch_model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
-    """Download a registered tether model and return its HF folder (for serving)."""
-    import mlflow
+    """Download a registered tether model into a fresh folder and return its HF folder.
 
-    from tether.tracking import resolve_tracking_uri
+    Always a private copy (a local artifact store would otherwise hand back its own files,
+    and we annotate the copy's card with its registry identity).
+    """
+    import tempfile
+
+    import mlflow
+    import yaml
 
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    folder = local / "artifacts" / HF_ARTIFACT
-    if not (folder / "tether.json").is_file():
-        raise ValueError(f"{model_uri} is not a tether model (no {HF_ARTIFACT}/tether.json)")
+    target = Path(tempfile.mkdtemp(prefix="tether-model-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target)))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
+    if HF_ARTIFACT not in artifacts:
+        raise ValueError(f"{model_uri} is not a tether model (no {HF_ARTIFACT!r} artifact)")
+    folder = local / artifacts[HF_ARTIFACT]["path"]
     # record which registry version this copy is, for /v1/model and logs
     card = model_card(folder)
     card["registry"] = resolve_version(uri, model_uri)

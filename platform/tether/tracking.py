@@ -25,18 +25,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
+from tether.config import resolve_tracking_uri
+
+__all__ = ["resolve_tracking_uri", "open_run", "close_run", "make_tracker", "RunRecorder"]
+
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VALUE = 6000
-
-
-def resolve_tracking_uri(spec_uri: str | None) -> str:
-    """Spec value, then MLFLOW_TRACKING_URI, then a SQLite file in the working directory."""
-    if spec_uri:
-        return spec_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
@@ -303,8 +298,13 @@ def worker_tracking(recorder: RunRecorder | None) -> dict[str, Any] | None:
     return {"uri": recorder.uri, "run_id": recorder.run_id}
 
 
-def close_run(recorder: RunRecorder | None, summary: dict[str, Any], status: str = "FINISHED") -> None:
-    """Final metrics, model-card tags and the model artifact; then end the run.
+def close_run(
+    recorder: RunRecorder | None,
+    summary: dict[str, Any],
+    status: str = "FINISHED",
+    log_model: bool = True,
+) -> None:
+    """Final metrics, model-card tags and (``log_model``) the model artifact; end the run.
 
     Adds to ``summary``: mlflow_run_id, model_uri, tracking ("ok" | "degraded" | "off").
     """
@@ -320,7 +320,7 @@ def close_run(recorder: RunRecorder | None, summary: dict[str, Any], status: str
             "tether.run_dir": summary.get("run_dir"),
         })
         model_uri = None
-        if summary.get("model_dir") and status == "FINISHED":
+        if log_model and summary.get("model_dir") and status == "FINISHED":
             from tether.registry import log_model
 
             model_uri = recorder._call("log model", log_model, recorder.uri, recorder.run_id,

@@ -1,0 +1,59 @@
+"""End to end: `tether demo --quick --exit` sweeps, registers, serves and answers."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from tether.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_quick_demo_runs_search_register_serve_and_answers(ray_cluster, tmp_path, monkeypatch,
+                                                           capsys):
+    """The README's main command, shrunk: sweep with a λ=0 arm → champion → live answers."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the embedded MLflow store lands in ./mlflow.db
+    summary_path = tmp_path / "demo.json"
+    code = main([
+        "demo", "--job", str(REPO / "jobs" / "demo.yaml"), "--quick", "--exit",
+        "--port", str(free_port()), "--summary", str(summary_path),
+        f"storage.path={tmp_path / 'runs'}",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    summary = json.loads(summary_path.read_text())
+    # the sweep: anchored trials and the λ=0 control arm, the best one chosen
+    arms = {r["arm"] for r in json.loads(json.dumps(summary)).get("rows", [])} or None
+    assert summary["trials"] == 3 and summary["baseline_best"]["config"]["objective.lambda"] == 0
+    assert arms is None or arms == {"anchored", "baseline"}
+    # registered and promoted: the first version of a fresh store becomes champion
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("demo", "champion")
+    assert summary["registry"]["version"] == str(champion.version)
+    # the parent run has one child per trial
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == 3
+    # the live endpoint answered every sample text with a label
+    predictions = summary["sample_predictions"]
+    assert len(predictions) == 4
+    assert all(p["label"] in ("negative", "positive") for p in predictions)
+    for line in ("best trial:", "best λ=0", "MLflow UI:", "endpoint: curl"):
+        assert line in out
+    mlflow.set_tracking_uri(None)
