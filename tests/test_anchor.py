@@ -94,13 +94,22 @@ def test_lambda_zero_allocates_nothing_and_matches_plain_fine_tuning():
         model = small_net()
         if use_tether_path:
             anchor = build_anchor(model.named_parameters(), 0.0, "coupled")
-            groups = param_groups(model, {n for n, _ in model.named_parameters()}, 1e-2, 0.01, 1.0,
-                                  decay_anchored=True)
+            groups = param_groups(
+                model,
+                {n for n, _ in model.named_parameters()},
+                1e-2,
+                0.01,
+                1.0,
+                decay_anchored=True,
+            )
             opt = torch.optim.AdamW(groups, lr=1e-2)
         else:
             opt = torch.optim.AdamW(
                 [
-                    {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.01},
+                    {
+                        "params": [p for p in model.parameters() if p.ndim >= 2],
+                        "weight_decay": 0.01,
+                    },
                     {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
                 ],
                 lr=1e-2,

@@ -47,7 +47,14 @@ def test_validate_prints_the_resolved_spec(capsys):
 def test_console_script_reports_bad_override_syntax():
     """The installed `tether` entry point exits non-zero with a one-line reason."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tether.cli", "validate", str(REPO / "jobs" / "demo.yaml"), "lambda"],
+        [
+            sys.executable,
+            "-m",
+            "tether.cli",
+            "validate",
+            str(REPO / "jobs" / "demo.yaml"),
+            "lambda",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,

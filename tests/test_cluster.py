@@ -55,9 +55,17 @@ def two_node_cluster():
 def test_cluster_config_has_the_keys_ray_up_needs():
     """cluster.yaml parses and carries the launcher's required keys and private-port advice."""
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    for key in ("cluster_name", "max_workers", "provider", "auth", "available_node_types",
-                "head_node_type", "setup_commands", "head_start_ray_commands",
-                "worker_start_ray_commands"):
+    for key in (
+        "cluster_name",
+        "max_workers",
+        "provider",
+        "auth",
+        "available_node_types",
+        "head_node_type",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         assert key in config, key
     assert config["head_node_type"] in config["available_node_types"]
     for name, node in config["available_node_types"].items():
@@ -92,9 +100,7 @@ def test_submitted_train_job_spans_both_nodes_and_writes_shared_storage(
     _, address = two_node_cluster
     work = tmp_path / "work"
     (work / "jobs").mkdir(parents=True)
-    (work / "jobs" / "tiny.yaml").write_text(
-        "# Launch: tether submit jobs/tiny.yaml\nname: tiny\n"
-    )
+    (work / "jobs" / "tiny.yaml").write_text("# Launch: tether submit jobs/tiny.yaml\nname: tiny\n")
     storage = tmp_path / "shared-storage"  # stands in for NFS/S3: every node sees this path
     overrides = [
         f"model.name={tiny_model_dir}",
@@ -124,5 +130,7 @@ def test_submitted_train_job_spans_both_nodes_and_writes_shared_storage(
     assert node_ids <= {n.node_id for n in cluster.list_all_nodes()}
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert (run_dir / "summary.json").is_file()
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_000003",
-                                                                    "checkpoint_000006"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == [
+        "checkpoint_000003",
+        "checkpoint_000006",
+    ]

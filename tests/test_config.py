@@ -31,7 +31,11 @@ def test_shipped_specs_cover_demo_and_sst2():
 def test_overrides_parse_yaml_values_into_nested_keys():
     """key=value overrides become nested dicts with YAML-typed values."""
     got = parse_overrides(["objective.lambda=0.1", "scaling.num_workers=2", "model.freeze=[a, b]"])
-    assert got == {"objective": {"lambda": 0.1}, "scaling": {"num_workers": 2}, "model": {"freeze": ["a", "b"]}}
+    assert got == {
+        "objective": {"lambda": 0.1},
+        "scaling": {"num_workers": 2},
+        "model": {"freeze": ["a", "b"]},
+    }
 
 
 def test_overrides_apply_on_top_of_the_file(tmp_path):
@@ -82,7 +86,13 @@ def test_rename_columns_satisfies_the_column_check(tmp_path):
     path = tmp_path / "dev.tsv"
     path.write_text("label\tcontent\n1\ta fine film\n")
     spec = validate_job(
-        {"data": {"train": str(path), "text_column": "sentence", "rename_columns": {"content": "sentence"}}}
+        {
+            "data": {
+                "train": str(path),
+                "text_column": "sentence",
+                "rename_columns": {"content": "sentence"},
+            }
+        }
     )
     assert spec.data.train == str(path)
 

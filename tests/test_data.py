@@ -47,7 +47,9 @@ def test_every_file_format_loads_to_the_same_examples(tmp_path, tokenizer, suffi
     assert len(data.train) + len(data.validation) == 30
     assert len(data.validation) == 6
     reference = tokenizer(rows[0]["text"])["input_ids"]
-    all_ids = [data.train.ids[s:e].tolist() for s, e in zip(data.train.offsets, data.train.offsets[1:])]
+    all_ids = [
+        data.train.ids[s:e].tolist() for s, e in zip(data.train.offsets, data.train.offsets[1:])
+    ]
     all_ids += [
         data.validation.ids[s:e].tolist()
         for s, e in zip(data.validation.offsets, data.validation.offsets[1:])
@@ -72,7 +74,9 @@ def test_collate_pads_each_batch_to_its_longest_example(tmp_path, tokenizer):
     """Dynamic padding: width = longest example in the batch, mask marks real tokens."""
     rows = [{"text": "a " * n, "label": n % 2} for n in (1, 3, 9, 20)] * 3
     path = write_rows(tmp_path / "p.csv", rows)
-    spec = validate_job({"data": {"train": str(path), "validation_fraction": 0.25, "max_length": 16}})
+    spec = validate_job(
+        {"data": {"train": str(path), "validation_fraction": 0.25, "max_length": 16}}
+    )
     data = prepare_data(spec.data, tokenizer, "t", None, use_cache=False)
     lengths = data.train.lengths
     assert lengths.max() == 16, "long texts are truncated to max_length"

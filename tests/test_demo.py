@@ -20,19 +20,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_quick_demo_runs_search_register_serve_and_answers(ray_cluster, tmp_path, monkeypatch,
-                                                           capsys):
+def test_quick_demo_runs_search_register_serve_and_answers(
+    ray_cluster, tmp_path, monkeypatch, capsys
+):
     """The README's main command, shrunk: sweep with a λ=0 arm → champion → live answers."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # the embedded MLflow store lands in ./mlflow.db
     summary_path = tmp_path / "demo.json"
-    code = main([
-        "demo", "--job", str(REPO / "jobs" / "demo.yaml"), "--quick", "--exit",
-        "--port", str(free_port()), "--summary", str(summary_path),
-        f"storage.path={tmp_path / 'runs'}",
-    ])
+    code = main(
+        [
+            "demo",
+            "--job",
+            str(REPO / "jobs" / "demo.yaml"),
+            "--quick",
+            "--exit",
+            "--port",
+            str(free_port()),
+            "--summary",
+            str(summary_path),
+            f"storage.path={tmp_path / 'runs'}",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     summary = json.loads(summary_path.read_text())

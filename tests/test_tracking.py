@@ -15,8 +15,11 @@ def job(model_dir, easy_csv, tmp, db, **over) -> dict:
     spec = {
         "name": "tracked",
         "model": {"name": str(model_dir), "label_names": ["negative", "positive"]},
-        "data": {"train": str(easy_csv["train"]), "validation": str(easy_csv["validation"]),
-                 "max_length": 32},
+        "data": {
+            "train": str(easy_csv["train"]),
+            "validation": str(easy_csv["validation"]),
+            "max_length": 32,
+        },
         "objective": {"lambda": 0.01},
         "optim": {"lr": 3e-3, "warmup_ratio": 0.0, "new_param_lr_scale": 3.0},
         "train": {"epochs": 4, "batch_size": 16, "eval_interval": 10, "seed": 7},
@@ -62,11 +65,19 @@ def test_a_train_run_is_one_mlflow_run_with_curves_params_spec_and_data(good_run
     assert run.info.status == "FINISHED"
     assert run.data.params["objective.lambda"] == "0.01"
     assert run.data.params["scaling.num_workers"] == "2"
-    for key in ("train/fine_loss", "train/anchor_loss", "train/drift_l2", "eval/accuracy",
-                "train/samples_per_s", "drift/bert.encoder.layer.0"):
+    for key in (
+        "train/fine_loss",
+        "train/anchor_loss",
+        "train/drift_l2",
+        "eval/accuracy",
+        "train/samples_per_s",
+        "drift/bert.encoder.layer.0",
+    ):
         history = c.get_metric_history(run.info.run_id, key)
         assert len(history) >= 2, key
-        assert sorted(m.step for m in history) == [m.step for m in sorted(history, key=lambda m: m.step)]
+        assert sorted(m.step for m in history) == [
+            m.step for m in sorted(history, key=lambda m: m.step)
+        ]
     last_acc = max(c.get_metric_history(run.info.run_id, "eval/accuracy"), key=lambda m: m.step)
     assert last_acc.value == pytest.approx(good_run.summary["metrics"]["eval/accuracy"])
     assert "job.yaml" in {a.path for a in c.list_artifacts(run.info.run_id)}
@@ -97,26 +108,40 @@ def test_champion_loads_with_pyfunc_and_predicts_like_the_model_dir(good_run, st
     model = mlflow.pyfunc.load_model("models:/toy@champion")
     texts = list(pd.read_csv(easy_csv["validation"]).text[:20])
     got = model.predict(pd.DataFrame({"text": texts}))
-    want = load_served_model(__import__("pathlib").Path(good_run.summary["model_dir"])).classify(texts)
+    want = load_served_model(__import__("pathlib").Path(good_run.summary["model_dir"])).classify(
+        texts
+    )
     assert list(got.label) == [p.label for p in want]
-    assert got["p_positive"].tolist() == pytest.approx([p.probabilities["positive"] for p in want],
-                                                       abs=1e-5)
+    assert got["p_positive"].tolist() == pytest.approx(
+        [p.probabilities["positive"] for p in want], abs=1e-5
+    )
 
 
-def test_a_worse_model_becomes_challenger_and_champion_stays(good_run, tiny_model_dir, easy_csv,
-                                                            store, capsys):
+def test_a_worse_model_becomes_challenger_and_champion_stays(
+    good_run, tiny_model_dir, easy_csv, store, capsys
+):
     """The gate: a worse second model gets `challenger`, `champion` does not move."""
     tmp, db = store
     worse = validate_job(
-        job(tiny_model_dir, easy_csv, tmp, db, optim__lr=1e-7, train__max_steps=2,
-            scaling__num_workers=0)
+        job(
+            tiny_model_dir,
+            easy_csv,
+            tmp,
+            db,
+            optim__lr=1e-7,
+            train__max_steps=2,
+            scaling__num_workers=0,
+        )
     )
     outcome = run_training(worse, register=True)
     reg = outcome.summary["registry"]
     assert reg["promoted"] is False
     assert reg["champion_value"] == pytest.approx(good_run.summary["metrics"]["eval/accuracy"])
     c = client(db)
-    assert str(c.get_model_version_by_alias("toy", "champion").version) == good_run.summary["registry"]["version"]
+    assert (
+        str(c.get_model_version_by_alias("toy", "champion").version)
+        == good_run.summary["registry"]["version"]
+    )
     assert str(c.get_model_version_by_alias("toy", "challenger").version) == reg["version"]
     assert "champion stays" in capsys.readouterr().out
     description = c.get_model_version("toy", reg["version"]).description
@@ -126,12 +151,22 @@ def test_a_worse_model_becomes_challenger_and_champion_stays(good_run, tiny_mode
 def test_tracking_outage_degrades_but_training_finishes(tiny_model_dir, easy_csv, tmp_path):
     """If workers cannot reach the store, the run still completes and says tracking is degraded."""
     db = tmp_path / "ok.db"
-    spec = validate_job(job(tiny_model_dir, easy_csv, tmp_path, db, train__max_steps=4,
-                            train__eval_interval=2, scaling__num_workers=0))
+    spec = validate_job(
+        job(
+            tiny_model_dir,
+            easy_csv,
+            tmp_path,
+            db,
+            train__max_steps=4,
+            train__eval_interval=2,
+            scaling__num_workers=0,
+        )
+    )
     outcome = run_training(
         spec,
-        extra_loop_config={"tracking": {"uri": f"sqlite:///{tmp_path}/missing/dir/x.db",
-                                        "run_id": "0" * 32}},
+        extra_loop_config={
+            "tracking": {"uri": f"sqlite:///{tmp_path}/missing/dir/x.db", "run_id": "0" * 32}
+        },
     )
     assert outcome.summary["tracking"] == "degraded"
     assert outcome.summary["step"] == 4

@@ -26,12 +26,20 @@ def tiny_job_dict(model_dir, easy_csv, storage) -> dict:
     return {
         "name": "tiny",
         "model": {"name": str(model_dir), "label_names": ["negative", "positive"]},
-        "data": {"train": str(easy_csv["train"]), "validation": str(easy_csv["validation"]),
-                 "max_length": 32},
+        "data": {
+            "train": str(easy_csv["train"]),
+            "validation": str(easy_csv["validation"]),
+            "max_length": 32,
+        },
         "objective": {"lambda": 0.01},
         "optim": {"lr": 3e-3, "warmup_ratio": 0.0, "new_param_lr_scale": 3.0},
-        "train": {"epochs": 4, "batch_size": 16, "eval_interval": 5, "seed": 7,
-                  "keep_checkpoints": 2},
+        "train": {
+            "epochs": 4,
+            "batch_size": 16,
+            "eval_interval": 5,
+            "seed": 7,
+            "keep_checkpoints": 2,
+        },
         "scaling": {"num_workers": 2, "max_failures": 1},
         "storage": {"path": str(storage), "run_name": "run"},
     }
@@ -76,7 +84,9 @@ def test_checkpoints_keep_best_n_plus_latest_and_summary_points_at_them(referenc
     assert 2 <= len(kept) <= spec.train.keep_checkpoints + 1
     final = Path(outcome.summary["checkpoint"])
     assert final in kept
-    assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= {p.name for p in final.iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= {
+        p.name for p in final.iterdir()
+    }
     state = json.loads((final / "trainer_state.json").read_text())
     assert state["anchor"]["theta_star_sha256"] and state["step"] == outcome.result.metrics["step"]
     saved = json.loads((run_dir / "summary.json").read_text())
@@ -91,7 +101,9 @@ def test_exported_model_loads_and_predicts_like_the_run_reported(reference_run, 
     _, outcome = reference_run
     model_dir = Path(outcome.summary["model_dir"])
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "tether.json").is_file()
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, use_safetensors=True
+    ).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert model.config.id2label == {0: "negative", 1: "positive"}
     rows = pd.read_csv(easy_csv["validation"])
@@ -102,8 +114,9 @@ def test_exported_model_loads_and_predicts_like_the_run_reported(reference_run, 
     assert accuracy == pytest.approx(outcome.result.metrics["eval/accuracy"], abs=1e-9)
 
 
-def test_worker_crash_resumes_from_last_checkpoint_and_matches(reference_run, tiny_model_dir, easy_csv,
-                                                                tmp_path):
+def test_worker_crash_resumes_from_last_checkpoint_and_matches(
+    reference_run, tiny_model_dir, easy_csv, tmp_path
+):
     """A worker killed at step 7 restarts from the step-5 checkpoint and ends where an
     uninterrupted run ends (same seed): metrics equal within 1e-5."""
     spec_ref, ref = reference_run
@@ -138,5 +151,7 @@ def test_resume_refuses_a_different_theta_star(reference_run, tiny_model_dir, tm
     from tether.anchor import weights_hash
 
     true_hash = weights_hash(anchored_parameters(loaded.model, loaded.new_param_names))
-    state = load_training_state(Path(outcome.result.checkpoint.path), 0, loaded.model, opt, true_hash)
+    state = load_training_state(
+        Path(outcome.result.checkpoint.path), 0, loaded.model, opt, true_hash
+    )
     assert state["step"] == outcome.result.metrics["step"]

@@ -61,7 +61,9 @@ def build_anchor(
     if mode not in ANCHOR_MODES:
         raise ValueError(f"objective.mode must be one of {ANCHOR_MODES}, got {mode!r}")
     if anchor_dtype not in _DTYPES:
-        raise ValueError(f"objective.anchor_dtype must be one of {sorted(_DTYPES)}, got {anchor_dtype!r}")
+        raise ValueError(
+            f"objective.anchor_dtype must be one of {sorted(_DTYPES)}, got {anchor_dtype!r}"
+        )
     if lam == 0:
         return None
     names, params = [], []

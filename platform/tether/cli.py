@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(train)
     train.add_argument("--summary", type=Path, help="write the run summary JSON here")
     train.add_argument(
-        "--register", action="store_true",
+        "--register",
+        action="store_true",
         help="register the model in MLflow (alias challenger; champion only if it is better)",
     )
     train.add_argument(
@@ -55,7 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # each module defines register(subparsers) adding its command(s) with set_defaults(handler=...)
-COMMAND_MODULES: list[str] = ["tether.serving.cli", "tether.sweep_cli", "tether.registry_cli", "tether.submit", "tether.demo"]
+COMMAND_MODULES: list[str] = [
+    "tether.serving.cli",
+    "tether.sweep_cli",
+    "tether.registry_cli",
+    "tether.submit",
+    "tether.demo",
+]
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:

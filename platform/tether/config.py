@@ -321,7 +321,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def validate_job(raw: dict[str, Any], source: str = "job spec", check_files: bool = True) -> JobSpec:
+def validate_job(
+    raw: dict[str, Any], source: str = "job spec", check_files: bool = True
+) -> JobSpec:
     """Schema validation plus path/column checks; raises SpecError listing every problem."""
     try:
         spec = JobSpec.model_validate(raw)
@@ -385,9 +387,11 @@ def resolve_tracking_uri(spec_uri: str | None) -> str:
     """
     import os
 
-    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    uri = (
+        spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    )
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # relative file → absolute
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"  # relative file → absolute
     return uri
 
 

@@ -56,7 +56,9 @@ class EncodedSplit:
         width = int(lengths.max())
         input_ids = np.full((len(indices), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(indices), width), dtype=np.int64)
-        types = np.zeros((len(indices), width), dtype=np.int64) if self.type_ids is not None else None
+        types = (
+            np.zeros((len(indices), width), dtype=np.int64) if self.type_ids is not None else None
+        )
         for row, (i, n) in enumerate(zip(indices, lengths, strict=True)):
             start = self.offsets[i]
             input_ids[row, :n] = self.ids[start : start + n]
@@ -185,9 +187,7 @@ def _try_hub_split(cfg: DataSection) -> list[dict] | None:
         return None
 
 
-def label_ids(
-    rows: list[dict], column: str, label_names: list[str], split: str
-) -> np.ndarray:
+def label_ids(rows: list[dict], column: str, label_names: list[str], split: str) -> np.ndarray:
     """Labels as ids in [0, num_labels): ints pass through, strings map by name."""
     index = {n: i for i, n in enumerate(label_names)}
     out = np.empty(len(rows), dtype=np.int64)
@@ -195,7 +195,11 @@ def label_ids(
         value = row.get(column)
         if isinstance(value, str) and value in index:
             out[i] = index[value]
-        elif isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(label_names):
+        elif (
+            isinstance(value, (int, np.integer))
+            and not isinstance(value, bool)
+            and 0 <= value < len(label_names)
+        ):
             out[i] = int(value)
         else:
             raise DataError(
@@ -338,7 +342,11 @@ def _load_cached(path: Path, fp: str) -> PreparedData:
             for name in ("train", "validation")
         }
     return PreparedData(
-        splits["train"], splits["validation"], meta["label_names"], meta["pad_id"], fp,
+        splits["train"],
+        splits["validation"],
+        meta["label_names"],
+        meta["pad_id"],
+        fp,
         meta["lineage"],
     )
 

@@ -110,8 +110,9 @@ def results_lines(summary: dict, tracking_uri: str) -> list[str]:
         f"{best['metric']:.4f}",
     ]
     if base:
-        lines.append(f"best λ=0 (plain fine-tuning): {format_config(base['config'])} → "
-                     f"{base['metric']:.4f}")
+        lines.append(
+            f"best λ=0 (plain fine-tuning): {format_config(base['config'])} → {base['metric']:.4f}"
+        )
     margin = summary.get("anchored_minus_baseline")
     if margin is not None:
         verdict = "beats" if margin > 0 else "does not beat"
@@ -126,13 +127,14 @@ def results_lines(summary: dict, tracking_uri: str) -> list[str]:
 
 
 def format_config(config: dict) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in config.items())
+    return ", ".join(
+        f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in config.items()
+    )
 
 
 def serve_and_ask(summary: dict, model_uri: str | None, report: list[str], args) -> int:
     import httpx
-
     import ray
 
     from tether.launch import ensure_ray
@@ -146,8 +148,7 @@ def serve_and_ask(summary: dict, model_uri: str | None, report: list[str], args)
     ensure_ray()
     deploy(config)
     try:
-        response = httpx.post(f"{options.url}/v1/predict", json={"texts": SAMPLE_TEXTS},
-                              timeout=60)
+        response = httpx.post(f"{options.url}/v1/predict", json={"texts": SAMPLE_TEXTS}, timeout=60)
         response.raise_for_status()
         answers = response.json()
         print("  sample requests:")
@@ -157,7 +158,7 @@ def serve_and_ask(summary: dict, model_uri: str | None, report: list[str], args)
         summary["sample_predictions"] = answers["predictions"]
         report.append(
             f"endpoint: curl -s {options.url}/v1/predict -H 'Content-Type: application/json' "
-            "-d '{\"texts\": [\"a gripping, beautifully acted film\"]}'"
+            '-d \'{"texts": ["a gripping, beautifully acted film"]}\''
         )
         _finish(report, summary, args)
         if args.exit:

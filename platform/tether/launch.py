@@ -150,8 +150,13 @@ def run_training(
     loop_extra = {"tracking": worker_tracking(recorder)} | (extra_loop_config or {})
     payload = data if local else ray.put(data)  # shipped once to the object store
     trainer = build_trainer(
-        spec, payload, run_name, spec.storage.path,
-        extra_loop_config=loop_extra, callbacks=callbacks, verbose=verbose,
+        spec,
+        payload,
+        run_name,
+        spec.storage.path,
+        extra_loop_config=loop_extra,
+        callbacks=callbacks,
+        verbose=verbose,
     )
     try:
         result = trainer.fit()

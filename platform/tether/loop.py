@@ -37,7 +37,12 @@ from tether.anchor import (
     pull_toward_anchor_,
     weights_hash,
 )
-from tether.checkpoints import HF_MODEL_DIR, export_hf_model, load_training_state, save_training_state
+from tether.checkpoints import (
+    HF_MODEL_DIR,
+    export_hf_model,
+    load_training_state,
+    save_training_state,
+)
 from tether.config import JobSpec
 from tether.data import EncodedSplit, PreparedData, epoch_batches
 from tether.models import freeze_parameters, load_base_model, load_tokenizer, resolve_model_source
@@ -66,19 +71,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # ----------------------------------------------------------------- model, θ*, optimizer
     source = resolve_model_source(spec.model.name)
     loaded = load_base_model(
-        source, task.model_class(), num_labels, data.label_names, spec.model.dtype,
-        spec.model.revision, spec.model.trust_remote_code,
+        source,
+        task.model_class(),
+        num_labels,
+        data.label_names,
+        spec.model.dtype,
+        spec.model.revision,
+        spec.model.trust_remote_code,
     )
     model = loaded.model.to(device)
-    freeze_parameters(model, spec.model.freeze, spec.model.freeze_embeddings, spec.model.freeze_layers)
+    freeze_parameters(
+        model, spec.model.freeze, spec.model.freeze_embeddings, spec.model.freeze_layers
+    )
     anchored = anchored_parameters(model, loaded.new_param_names)
     theta_star_hash = weights_hash(anchored)
-    anchor = build_anchor(anchored, spec.objective.lam, spec.objective.mode, spec.objective.anchor_dtype)
+    anchor = build_anchor(
+        anchored, spec.objective.lam, spec.objective.mode, spec.objective.anchor_dtype
+    )
     optimizer = torch.optim.AdamW(
-        param_groups(model, {n for n, _ in anchored}, spec.optim.lr, spec.optim.weight_decay,
-                     spec.optim.new_param_lr_scale, decay_anchored=spec.objective.lam == 0
-                     or spec.optim.decay_anchored),
-        lr=spec.optim.lr, betas=spec.optim.betas, eps=spec.optim.eps,
+        param_groups(
+            model,
+            {n for n, _ in anchored},
+            spec.optim.lr,
+            spec.optim.weight_decay,
+            spec.optim.new_param_lr_scale,
+            decay_anchored=spec.objective.lam == 0 or spec.optim.decay_anchored,
+        ),
+        lr=spec.optim.lr,
+        betas=spec.optim.betas,
+        eps=spec.optim.eps,
     )
     steps_per_epoch = math.ceil(
         len(epoch_batches(data.train.lengths, spec.train.batch_size, 0, 0, rank, world))
@@ -88,7 +109,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_interval = spec.train.eval_interval or steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lr_schedule(spec.optim.scheduler, round(spec.optim.warmup_ratio * total_steps), total_steps),
+        lr_schedule(
+            spec.optim.scheduler, round(spec.optim.warmup_ratio * total_steps), total_steps
+        ),
     )
 
     # ----------------------------------------------------------------- resume
@@ -115,7 +138,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while step < total_steps:
         epoch = step // steps_per_epoch
         batches = epoch_batches(
-            data.train.lengths, spec.train.batch_size, epoch, spec.train.seed, rank, world,
+            data.train.lengths,
+            spec.train.batch_size,
+            epoch,
+            spec.train.seed,
+            rank,
+            world,
             spec.data.group_by_length,
         )
         done_in_epoch = (step % steps_per_epoch) * spec.train.grad_accum_steps
@@ -134,7 +162,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # gradients are now all-reduced: add the anchor's exact gradient, once per step
             scaler.unscale_(optimizer)
             add_anchor_grad_(anchor)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.optim.max_grad_norm or math.inf)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, spec.optim.max_grad_norm or math.inf
+            )
             lr_t = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
             scaler.step(optimizer)
             scaler.update()
@@ -148,16 +178,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _crash_once(config["_test_crash_marker"], rank, world)
             if step % eval_interval == 0 or step == total_steps:
                 metrics = window.summary(world, device) | drift_metrics(anchor)
-                metrics |= evaluate(model, data.validation, task, num_labels, data.pad_id,
-                                    spec.train.eval_batch_size, rank, world, device, autocast)
-                metrics |= {"step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
-                            "resumed_from_step": resumed_from}
+                metrics |= evaluate(
+                    model,
+                    data.validation,
+                    task,
+                    num_labels,
+                    data.pad_id,
+                    spec.train.eval_batch_size,
+                    rank,
+                    world,
+                    device,
+                    autocast,
+                )
+                metrics |= {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "total_steps": total_steps,
+                    "resumed_from_step": resumed_from,
+                }
                 tracker.log_metrics(metrics, step)
                 metrics["tracking_errors"] = tracker.errors
                 _print0(rank, progress_line(metrics))
                 report_with_checkpoint(
-                    metrics, rank, model, optimizer, scheduler, anchor, theta_star_hash,
-                    spec, final=step == total_steps, local=config.get("local_mode", False),
+                    metrics,
+                    rank,
+                    model,
+                    optimizer,
+                    scheduler,
+                    anchor,
+                    theta_star_hash,
+                    spec,
+                    final=step == total_steps,
+                    local=config.get("local_mode", False),
                     tokenizer_source=source,
                 )
                 window = Window()
@@ -191,14 +243,16 @@ def param_groups(
         decays = not no_decay and (decay_anchored or not is_anchored)
         groups.setdefault((is_anchored, decays), []).append(p)
     out = []
-    for (is_anchored, decays) in sorted(groups, key=lambda k: (not k[0], not k[1])):
+    for is_anchored, decays in sorted(groups, key=lambda k: (not k[0], not k[1])):
         scale = 1.0 if is_anchored else new_param_lr_scale
-        out.append({
-            "params": groups[(is_anchored, decays)],
-            "lr": lr * scale,
-            "lr_scale": scale,
-            "weight_decay": weight_decay if decays else 0.0,
-        })
+        out.append(
+            {
+                "params": groups[(is_anchored, decays)],
+                "lr": lr * scale,
+                "lr_scale": scale,
+                "weight_decay": weight_decay if decays else 0.0,
+            }
+        )
     return out
 
 
@@ -252,7 +306,9 @@ class Window:
     def summary(self, world: int, device: torch.device) -> dict[str, float]:
         """Means over all workers; samples/s counts every worker's examples."""
         elapsed = time.perf_counter() - self.start
-        stats = torch.tensor([self.loss_sum, self.micro_batches, self.examples], dtype=torch.float64)
+        stats = torch.tensor(
+            [self.loss_sum, self.micro_batches, self.examples], dtype=torch.float64
+        )
         stats = _all_reduce_sum(stats, world, device)
         return {
             "train/fine_loss": float(stats[0] / max(stats[1], 1)),
@@ -264,9 +320,7 @@ class Window:
 
 def drift_metrics(anchor: Anchor | None) -> dict[str, float]:
     report = drift_report(anchor)
-    return {
-        ("train/" + k if not k.startswith("drift/") else k): v for k, v in report.items()
-    }
+    return {("train/" + k if not k.startswith("drift/") else k): v for k, v in report.items()}
 
 
 @torch.no_grad()
@@ -351,7 +405,9 @@ def report_with_checkpoint(
     directory = Path(tempfile.mkdtemp(prefix="tether-ckpt-"))
     save_training_state(directory, rank, net, optimizer, state, worker_identity())
     if final and rank == 0:
-        tokenizer = load_tokenizer(tokenizer_source, spec.model.revision, spec.model.trust_remote_code)
+        tokenizer = load_tokenizer(
+            tokenizer_source, spec.model.revision, spec.model.trust_remote_code
+        )
         card = {
             "name": spec.name,
             "task": spec.model.task,

@@ -91,8 +91,10 @@ class GateDecision:
 
     def describe(self) -> str:
         if self.champion_version is None:
-            return (f"{self.name} v{self.version} becomes champion: no champion yet "
-                    f"({self.metric} {self.challenger_value:.4f})")
+            return (
+                f"{self.name} v{self.version} becomes champion: no champion yet "
+                f"({self.metric} {self.challenger_value:.4f})"
+            )
         verb = "beats" if self.promoted else "does not beat"
         return (
             f"{self.name} v{self.version} {verb} champion v{self.champion_version}: "
@@ -101,9 +103,7 @@ class GateDecision:
         )
 
 
-def register_version(
-    client, model_uri: str, name: str, run_id: str, tags: dict[str, Any]
-) -> str:
+def register_version(client, model_uri: str, name: str, run_id: str, tags: dict[str, Any]) -> str:
     """Register a complete logged model as a new version (never a half-written one)."""
     from mlflow.exceptions import MlflowException
 
@@ -143,8 +143,9 @@ def gate_champion(
     else:
         champ_value = _champion_value(champion, metric, data_fingerprint, evaluate_champion, name)
         promoted = value > champ_value
-        decision = GateDecision(name, version, metric, value, str(champion.version),
-                                champ_value, promoted)
+        decision = GateDecision(
+            name, version, metric, value, str(champion.version), champ_value, promoted
+        )
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "tether.gate", decision.describe())
@@ -245,7 +246,12 @@ def register_and_gate(spec, summary: dict[str, Any], data) -> dict[str, Any]:
     }
     version = register_version(client, summary["model_uri"], name, summary["mlflow_run_id"], tags)
     decision = gate_champion(
-        client, name, version, metric, value, data.fingerprint,
+        client,
+        name,
+        version,
+        metric,
+        value,
+        data.fingerprint,
         evaluate_champion=lambda model_uri: score_on_validation(spec, model_uri, uri, metric),
     )
     print(f"tether: registry: {decision.describe()}")
@@ -280,7 +286,16 @@ def score_on_validation(spec, model_uri: str, tracking_uri: str, metric: str) ->
     card = model_card(folder)
     data = prepare_data(spec.data, tokenizer, str(folder), card.get("label_names"))
     model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
-    metrics = evaluate(model, data.validation, get_task(spec.model.task), len(data.label_names),
-                       data.pad_id, spec.train.eval_batch_size, 0, 1, torch.device("cpu"),
-                       nullcontext())
+    metrics = evaluate(
+        model,
+        data.validation,
+        get_task(spec.model.task),
+        len(data.label_names),
+        data.pad_id,
+        spec.train.eval_batch_size,
+        0,
+        1,
+        torch.device("cpu"),
+        nullcontext(),
+    )
     return float(metrics[metric])

@@ -1,7 +1,7 @@
 """`tether models`: what is registered, and moving aliases by hand.
 
-    tether models list [NAME]
-    tether models promote NAME VERSION [--alias champion]
+tether models list [NAME]
+tether models promote NAME VERSION [--alias champion]
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     except MlflowException as e:
         print(f"tether: cannot promote {args.name} v{args.version}: {e.message}", file=sys.stderr)
         return 1
-    client.set_model_version_tag(args.name, args.version, "tether.gate",
-                                 f"promoted to {args.alias} by hand")
+    client.set_model_version_tag(
+        args.name, args.version, "tether.gate", f"promoted to {args.alias} by hand"
+    )
     print(f"{args.name}@{args.alias} → v{args.version}")
     return 0

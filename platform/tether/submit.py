@@ -23,8 +23,18 @@ from pathlib import Path
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # never shipped to the cluster: environments, local runs and stores, VCS data
-UPLOAD_EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlartifacts", "mlflow.db",
-                   "__pycache__", ".pytest_cache", ".ruff_cache", "benchmarks/results"]
+UPLOAD_EXCLUDES = [
+    ".venv",
+    ".git",
+    "runs",
+    "mlruns",
+    "mlartifacts",
+    "mlflow.db",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "benchmarks/results",
+]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -33,10 +43,17 @@ def register(subparsers) -> None:
     p.add_argument("job", type=Path, help="job spec YAML, inside the directory that is uploaded")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--tune", action="store_true", help="run `tether tune` instead of train")
-    p.add_argument("--address", default=os.environ.get("RAY_JOBS_ADDRESS"),
-                   help=f"Jobs API address (default $RAY_JOBS_ADDRESS, else {DEFAULT_ADDRESS})")
-    p.add_argument("--working-dir", type=Path, default=Path.cwd(),
-                   help="directory uploaded as the job's working dir (default: here)")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_JOBS_ADDRESS"),
+        help=f"Jobs API address (default $RAY_JOBS_ADDRESS, else {DEFAULT_ADDRESS})",
+    )
+    p.add_argument(
+        "--working-dir",
+        type=Path,
+        default=Path.cwd(),
+        help="directory uploaded as the job's working dir (default: here)",
+    )
     p.add_argument("--token", default=None, help="Ray auth token (default: Ray's own lookup)")
     p.add_argument("--follow", action="store_true", help="stream logs; exit with the job's status")
     p.add_argument("--submission-id", default=None, help="choose the submission id")
@@ -74,7 +91,9 @@ def submit(
     try:
         job_rel = str(job_path.relative_to(working_dir))
     except ValueError:
-        raise ValueError(f"job spec {job} is not inside the uploaded directory {working_dir}") from None
+        raise ValueError(
+            f"job spec {job} is not inside the uploaded directory {working_dir}"
+        ) from None
     load_job(job_path, overrides, check_files=False)  # schema errors stop here, before any upload
     client = make_client(address, token)
     request = {
@@ -123,9 +142,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     address = args.address or DEFAULT_ADDRESS
     try:
-        client, sid = submit(args.job, args.overrides, tune=args.tune, address=address,
-                             working_dir=args.working_dir, token=args.token,
-                             submission_id=args.submission_id)
+        client, sid = submit(
+            args.job,
+            args.overrides,
+            tune=args.tune,
+            address=address,
+            working_dir=args.working_dir,
+            token=args.token,
+            submission_id=args.submission_id,
+        )
     except (SpecError, ValueError) as e:
         print(e, file=sys.stderr)
         return 2

@@ -35,8 +35,13 @@ class MlflowTrialHooks:
 
     def start(self, info: TrialInfo, spec, data) -> TrialExtras:
         tags = {TRIAL_TAG: info.trial_id, "tether.arm": info.arm, "tether.sweep": info.sweep_name}
-        recorder = open_run(spec, f"{info.sweep_name}/{info.trial_id}", data,
-                            parent_run_id=self.parent_run_id, extra_tags=tags)
+        recorder = open_run(
+            spec,
+            f"{info.sweep_name}/{info.trial_id}",
+            data,
+            parent_run_id=self.parent_run_id,
+            extra_tags=tags,
+        )
         self._recorders[info.trial_id] = recorder
         return TrialExtras(loop_config={"tracking": worker_tracking(recorder)})
 
@@ -88,24 +93,34 @@ def run_tracked_sweep(sweep, *, verbose: bool = False) -> SweepOutcome:
         outcome.summary.update(tracking="off", parent_run_id=None)
         return outcome
     uri = resolve_tracking_uri(spec.tracking.uri)
-    parent = open_run(spec, sweep.name, sweep.data, extra_tags={"tether.sweep": sweep.name,
-                                                                "tether.role": "sweep"})
+    parent = open_run(
+        spec,
+        sweep.name,
+        sweep.data,
+        extra_tags={"tether.sweep": sweep.name, "tether.role": "sweep"},
+    )
     parent_id = parent.run_id if parent else None
     if parent_id and sweep.spec.tune is not None:
-        parent.log_text(json.dumps(sweep.spec.tune.model_dump(mode="json"), indent=2),
-                        "search_space.json")
+        parent.log_text(
+            json.dumps(sweep.spec.tune.model_dump(mode="json"), indent=2), "search_space.json"
+        )
     callbacks = [CloseStoppedChildRuns(uri, parent_id)] if parent_id else []
     try:
-        outcome = run_sweep(sweep, tune_callbacks=callbacks,
-                            trial_hooks=MlflowTrialHooks(parent_id), verbose=verbose)
+        outcome = run_sweep(
+            sweep,
+            tune_callbacks=callbacks,
+            trial_hooks=MlflowTrialHooks(parent_id),
+            verbose=verbose,
+        )
     except BaseException:
         if parent:
             parent.finish("FAILED")
         raise
     summary = outcome.summary
     record_sweep(parent, summary)
-    summary.update(parent_run_id=parent_id, tracking="ok" if parent and not parent.errors
-                   else "degraded")
+    summary.update(
+        parent_run_id=parent_id, tracking="ok" if parent and not parent.errors else "degraded"
+    )
     if parent_id and summary.get("best"):
         summary["registry"] = register_best(sweep, summary, uri, parent_id)
         if summary["registry"]:
@@ -148,8 +163,12 @@ def register_best(sweep, summary: dict[str, Any], uri: str, parent_id: str) -> d
     runs = child_runs(client, parent_id, best.get("trial_id"))
     run_id = runs[0].info.run_id if runs else parent_id
     model_uri = log_model(uri, run_id, Path(best["model_dir"]))
-    record = {"metrics": best["metrics"], "model_uri": model_uri, "mlflow_run_id": run_id,
-              "run_dir": str(Path(best["model_dir"]).parent)}
+    record = {
+        "metrics": best["metrics"],
+        "model_uri": model_uri,
+        "mlflow_run_id": run_id,
+        "run_dir": str(Path(best["model_dir"]).parent),
+    }
     return register_and_gate(sweep.spec, record, sweep.data)
 
 

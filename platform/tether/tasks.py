@@ -19,7 +19,9 @@ class Task(Protocol):
 
     def model_class(self): ...
 
-    def eval_counts(self, logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    def eval_counts(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_labels: int
+    ) -> torch.Tensor:
         """Additive statistics of one batch (float64, same shape for every batch)."""
         ...
 
@@ -37,7 +39,9 @@ class SequenceClassification:
 
         return AutoModelForSequenceClassification
 
-    def eval_counts(self, logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    def eval_counts(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_labels: int
+    ) -> torch.Tensor:
         """Confusion matrix (true × predicted), flattened: additive across batches and ranks."""
         pred = logits.argmax(dim=-1)
         flat = labels.to(torch.int64) * num_labels + pred

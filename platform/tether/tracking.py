@@ -92,8 +92,11 @@ class MlflowTracker:
                 self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
         except Exception as e:  # the store is down: keep training, say so once
             if self.errors == 0:
-                print(f"[tether] WARNING: MLflow logging failed, continuing without it: {e}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[tether] WARNING: MLflow logging failed, continuing without it: {e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.errors += 1
 
 
@@ -132,7 +135,10 @@ def config_hash(job: dict[str, Any]) -> str:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).parent,
         )
     except (OSError, subprocess.TimeoutExpired):
@@ -163,10 +169,14 @@ class RunRecorder:
             return fn(*args, **kwargs)
         except Exception as e:
             self.errors += 1
-            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); continuing", stacklevel=3)
+            warnings.warn(
+                f"MLflow {what} failed ({type(e).__name__}: {e}); continuing", stacklevel=3
+            )
             return None
 
-    def start(self, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str | None:
+    def start(
+        self, run_name: str, tags: dict[str, str], parent_run_id: str | None = None
+    ) -> str | None:
         def _start():
             exp_id = get_or_create_experiment(self.client, self.experiment, self.uri)
             all_tags = dict(tags)
@@ -181,9 +191,7 @@ class RunRecorder:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [
-            Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in flatten(params).items()
-        ]
+        items = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in flatten(params).items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self._call("log params", self.client.log_batch, self.run_id, params=items[i : i + 100])
 
@@ -191,8 +199,11 @@ class RunRecorder:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-                 if isinstance(v, (int, float))]
+        batch = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float))
+        ]
         self._call("log metrics", self.client.log_batch, self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -208,8 +219,17 @@ class RunRecorder:
         self._call("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_dataset(self, name: str, source: str, digest: str, context: str, num_rows: int) -> None:
-        self._call("log dataset", _log_dataset, self.client, self.run_id, name, source, digest,
-                   context, num_rows)
+        self._call(
+            "log dataset",
+            _log_dataset,
+            self.client,
+            self.run_id,
+            name,
+            source,
+            digest,
+            context,
+            num_rows,
+        )
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("end run", self.client.set_terminated, self.run_id, status)
@@ -220,14 +240,16 @@ class RunRecorder:
         return self._guard(what, fn, *args, **kwargs)
 
 
-def _log_dataset(client, run_id: str, name: str, source: str, digest: str, context: str,
-                 num_rows: int) -> None:
+def _log_dataset(
+    client, run_id: str, name: str, source: str, digest: str, context: str, num_rows: int
+) -> None:
     """Dataset lineage: where the data came from and a digest of exactly what was used."""
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
-    dataset = MetaDataset(source=_dataset_source(source), name=f"{name} ({num_rows} rows)",
-                          digest=digest)
+    dataset = MetaDataset(
+        source=_dataset_source(source), name=f"{name} ({num_rows} rows)", digest=digest
+    )
     entity = dataset._to_mlflow_entity()
     client.log_inputs(
         run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
@@ -284,10 +306,20 @@ def open_run(
     recorder.log_params(job)
     recorder.log_text(yaml.safe_dump(job, sort_keys=False), "job.yaml")
     lineage = data.lineage
-    recorder.log_dataset(f"{spec.name}-train", lineage["train_source"],
-                         f"{data.fingerprint}-train", "training", lineage["num_train"])
-    recorder.log_dataset(f"{spec.name}-validation", lineage["validation_source"],
-                         f"{data.fingerprint}-validation", "validation", lineage["num_validation"])
+    recorder.log_dataset(
+        f"{spec.name}-train",
+        lineage["train_source"],
+        f"{data.fingerprint}-train",
+        "training",
+        lineage["num_train"],
+    )
+    recorder.log_dataset(
+        f"{spec.name}-validation",
+        lineage["validation_source"],
+        f"{data.fingerprint}-validation",
+        "validation",
+        lineage["num_validation"],
+    )
     return recorder
 
 
@@ -312,19 +344,24 @@ def close_run(
         summary.update(mlflow_run_id=None, model_uri=None, tracking="off")
         return
     if recorder.run_id is not None:
-        recorder.log_metrics({f"final/{k}": v for k, v in summary.get("metrics", {}).items()},
-                             step=summary.get("step"))
+        recorder.log_metrics(
+            {f"final/{k}": v for k, v in summary.get("metrics", {}).items()},
+            step=summary.get("step"),
+        )
         card = _card(summary.get("model_dir"))
-        recorder.set_tags({
-            "tether.theta_star_sha256": card.get("objective", {}).get("theta_star_sha256"),
-            "tether.run_dir": summary.get("run_dir"),
-        })
+        recorder.set_tags(
+            {
+                "tether.theta_star_sha256": card.get("objective", {}).get("theta_star_sha256"),
+                "tether.run_dir": summary.get("run_dir"),
+            }
+        )
         model_uri = None
         if log_model and summary.get("model_dir") and status == "FINISHED":
             from tether.registry import log_model
 
-            model_uri = recorder._call("log model", log_model, recorder.uri, recorder.run_id,
-                                       Path(summary["model_dir"]))
+            model_uri = recorder._call(
+                "log model", log_model, recorder.uri, recorder.run_id, Path(summary["model_dir"])
+            )
         summary["model_uri"] = model_uri
         recorder.finish(status)
     worker_errors = int(summary.pop("tracking_errors", 0) or 0)
@@ -332,9 +369,12 @@ def close_run(
     summary.update(mlflow_run_id=recorder.run_id, tracking="degraded" if degraded else "ok")
     summary.setdefault("model_uri", None)
     if degraded:
-        print("tether: WARNING: MLflow tracking was degraded during this run "
-              f"({recorder.errors} driver / {worker_errors} worker failures); "
-              "the model and checkpoints are complete on disk", file=sys.stderr)
+        print(
+            "tether: WARNING: MLflow tracking was degraded during this run "
+            f"({recorder.errors} driver / {worker_errors} worker failures); "
+            "the model and checkpoints are complete on disk",
+            file=sys.stderr,
+        )
 
 
 def _card(model_dir: str | None) -> dict[str, Any]:
