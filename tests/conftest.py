@@ -99,12 +99,13 @@ def easy_csv(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@pytest.fixture
-def tiny_job(tiny_model_dir, easy_csv, tmp_path):
-    """Overrides for a fast job on the tiny model and toy data, storing under tmp_path."""
-    return {
+def make_tiny_job(model_dir: Path, easy_csv: dict[str, Path], storage: Path, **updates) -> dict:
+    """A fast job on the tiny model and toy data; ``updates`` are merged per section."""
+    from tether.config import deep_merge
+
+    job = {
         "name": "tiny",
-        "model": {"name": str(tiny_model_dir), "label_names": ["negative", "positive"]},
+        "model": {"name": str(model_dir), "label_names": ["negative", "positive"]},
         "data": {
             "train": str(easy_csv["train"]),
             "validation": str(easy_csv["validation"]),
@@ -114,8 +115,15 @@ def tiny_job(tiny_model_dir, easy_csv, tmp_path):
         "optim": {"lr": 3e-3, "warmup_ratio": 0.0},
         "train": {"epochs": 4, "batch_size": 16, "eval_interval": 5, "seed": 7},
         "scaling": {"num_workers": 2, "max_failures": 0},
-        "storage": {"path": str(tmp_path / "runs")},
+        "storage": {"path": str(storage)},
     }
+    return deep_merge(job, updates)
+
+
+@pytest.fixture
+def tiny_job(tiny_model_dir, easy_csv, tmp_path):
+    """The fast tiny job as a dict, storing under tmp_path/runs."""
+    return make_tiny_job(tiny_model_dir, easy_csv, tmp_path / "runs")
 
 
 def shared_data(*parts: str) -> Path:

@@ -8,29 +8,23 @@ import pytest
 from tether.config import validate_job
 from tether.launch import run_training
 
+from .conftest import make_tiny_job
+
 pytestmark = [pytest.mark.slow]
 
 
 def job(model_dir, easy_csv, tmp, db, **over) -> dict:
-    spec = {
+    """The tiny job tracked in ``db``; ``over`` as section__field=value."""
+    updates: dict = {
         "name": "tracked",
-        "model": {"name": str(model_dir), "label_names": ["negative", "positive"]},
-        "data": {
-            "train": str(easy_csv["train"]),
-            "validation": str(easy_csv["validation"]),
-            "max_length": 32,
-        },
-        "objective": {"lambda": 0.01},
-        "optim": {"lr": 3e-3, "warmup_ratio": 0.0, "new_param_lr_scale": 3.0},
-        "train": {"epochs": 4, "batch_size": 16, "eval_interval": 10, "seed": 7},
-        "scaling": {"num_workers": 2, "max_failures": 0},
-        "storage": {"path": str(tmp / "runs")},
+        "optim": {"new_param_lr_scale": 3.0},
+        "train": {"eval_interval": 10},
         "tracking": {"uri": f"sqlite:///{db}", "experiment": "tests", "registered_model": "toy"},
     }
     for key, value in over.items():
         section, field = key.split("__")
-        spec[section][field] = value
-    return spec
+        updates.setdefault(section, {})[field] = value
+    return make_tiny_job(model_dir, easy_csv, tmp / "runs", **updates)
 
 
 @pytest.fixture(scope="module")

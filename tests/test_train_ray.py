@@ -11,6 +11,8 @@ import torch
 from tether.config import validate_job
 from tether.launch import run_training
 
+from .conftest import make_tiny_job
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -23,26 +25,15 @@ def reference_run(ray_cluster, tiny_model_dir, easy_csv, tmp_path_factory):
 
 
 def tiny_job_dict(model_dir, easy_csv, storage) -> dict:
-    return {
-        "name": "tiny",
-        "model": {"name": str(model_dir), "label_names": ["negative", "positive"]},
-        "data": {
-            "train": str(easy_csv["train"]),
-            "validation": str(easy_csv["validation"]),
-            "max_length": 32,
-        },
-        "objective": {"lambda": 0.01},
-        "optim": {"lr": 3e-3, "warmup_ratio": 0.0, "new_param_lr_scale": 3.0},
-        "train": {
-            "epochs": 4,
-            "batch_size": 16,
-            "eval_interval": 5,
-            "seed": 7,
-            "keep_checkpoints": 2,
-        },
-        "scaling": {"num_workers": 2, "max_failures": 1},
-        "storage": {"path": str(storage), "run_name": "run"},
-    }
+    return make_tiny_job(
+        model_dir,
+        easy_csv,
+        storage,
+        optim={"new_param_lr_scale": 3.0},
+        train={"keep_checkpoints": 2},
+        scaling={"max_failures": 1},
+        storage={"run_name": "run"},
+    )
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
