@@ -32,7 +32,8 @@ def ray_cluster():
 
     if not ray.is_initialized():
         # 4 logical CPUs on 2 cores: room for 2 Train workers plus a Tune trial driver
-        ray.init(num_cpus=4, dashboard_host="127.0.0.1", include_dashboard=True)
+        # "local": a fresh cluster, never one a stale /tmp/ray/ray_current_cluster points at
+        ray.init(address="local", num_cpus=4, dashboard_host="127.0.0.1", include_dashboard=True)
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,262 @@
+"""``tether serve``: deploy a trained model on Ray Serve and block until Ctrl-C.
+
+    tether serve --model-dir runs/demo/model                    # http://127.0.0.1:8000
+    tether serve --model-uri models:/demo@champion --autoscale 1,4 --api-key KEY
+    tether serve --model-dir ... --print-config > serve/my.yaml  # the same app for `serve deploy`
+    tether serve --model-uri models:/demo@champion --reload     # swap a running server's model
+
+A running server also reloads on SIGHUP (``kill -HUP PID``): it re-resolves the model (a
+moved alias, or new weights in the same directory) and swaps it in without restarting
+replicas. ``--reload`` does the same from another shell for a server on a long-lived cluster
+(``ray start --head``, or --address); pass the same flags as the running server.
+Exit status: 0 on success, 2 for bad flags or an unusable model, 1 when deploying fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+API_KEY_ENV = "TETHER_API_KEY"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a trained model over HTTP on Ray Serve")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-dir", type=Path, help="a model directory from `tether train`")
+    source.add_argument("--model-uri", help="a registered model, e.g. models:/NAME@champion")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
+    scale.add_argument("--autoscale", type=_min_max, metavar="MIN,MAX", help="autoscale replicas")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs (= torch threads) per replica")
+    p.add_argument("--max-batch-size", type=int, default=16, help="texts per forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for a batch to fill")
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request (413 above)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="413 above")
+    p.add_argument("--max-ongoing-requests", type=int, help="per replica (default 2×batch)")
+    p.add_argument("--max-queued-requests", type=int, default=64, help="beyond: 503 at once")
+    p.add_argument("--request-timeout-s", type=float, default=30.0)
+    p.add_argument("--api-key", help=f"require this bearer token on /v1/* (or ${API_KEY_ENV})")
+    p.add_argument("--quantize", action="store_true", help="dynamic int8 Linear layers (CPU)")
+    p.add_argument(
+        "--address",
+        help="Ray cluster (default: RAY_ADDRESS, else the `ray start` one, else a new one; local: always new)",
+    )
+    p.add_argument("--reload", action="store_true", help="swap the model of a running server")
+    p.add_argument("--print-config", action="store_true", help="print the Serve config YAML")
+    p.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tether.serving.deploy import serve_config
+    from tether.serving.model import ModelSourceError
+
+    try:
+        options = options_from_args(args)
+        user_config = resolve_user_config(args)
+    except (ValueError, ModelSourceError) as e:
+        print(f"tether serve: {e}", file=sys.stderr)
+        return 2
+    config = serve_config(options, user_config)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return 0
+    if args.reload:
+        return reload_running_server(config, options, args.address)
+    return serve_until_interrupted(config, options, args)
+
+
+def options_from_args(args: argparse.Namespace):
+    from tether.serving.deploy import ServeOptions
+
+    key = args.api_key or os.environ.get(API_KEY_ENV)
+    return ServeOptions(
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        autoscale=args.autoscale,
+        num_cpus=args.num_cpus,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        max_texts=args.max_texts,
+        max_body_bytes=args.max_body_bytes,
+        max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        request_timeout_s=args.request_timeout_s,
+        # only the hash travels: Serve configs are visible on the dashboard
+        api_key_sha256=hashlib.sha256(key.encode()).hexdigest() if key else None,
+    )
+
+
+def resolve_user_config(args: argparse.Namespace) -> dict:
+    """Resolve and load the model here first, then describe it as the replicas' user_config.
+
+    A model that fails to load in a replica takes the replica down (Serve restarts it with the
+    same config), so on a reload it would replace a working model with an outage: it must
+    fail here instead, with exit status 2.
+    """
+    from tether.serving.deploy import model_user_config
+    from tether.serving.model import ModelSourceError, load_served_model, resolve_model_dir
+
+    # a URI is always re-resolved (on --reload the alias may have moved)
+    model_dir = resolve_model_dir(None if args.model_uri else args.model_dir, args.model_uri)
+    try:
+        load_served_model(model_dir, args.model_uri, quantize=args.quantize)
+    except Exception as e:
+        raise ModelSourceError(f"{model_dir} does not load: {type(e).__name__}: {e}") from e
+    return model_user_config(model_dir, args.model_uri, quantize=args.quantize)
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def serve_until_interrupted(config: dict, options, args: argparse.Namespace) -> int:
+    """Deploy, print how to call it, then wait: SIGHUP reloads, Ctrl-C/SIGTERM shut down."""
+    from tether.launch import ensure_ray
+    from tether.serving.deploy import DeployError, deploy
+
+    if not options.is_loopback and options.api_key_sha256 is None:
+        print(
+            f"tether serve: warning: {options.host} without --api-key: anyone on the network "
+            "can call the model",
+            file=sys.stderr,
+        )
+    reload_requested = []
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.append(True))
+    try:
+        ensure_ray(args.address)
+        deploy(config)
+        print_ready(options, config)
+        while True:
+            time.sleep(0.5)
+            if reload_requested:
+                reload_requested.clear()
+                config = _reload_in_place(config, options, args)
+    except KeyboardInterrupt:
+        print("\ntether serve: shutting down", file=sys.stderr)
+        return 0
+    except ConnectionError as e:
+        print(f"tether serve: cannot reach Ray: {e}", file=sys.stderr)
+        return 1
+    except DeployError as e:
+        print(f"tether serve: deploy failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shut_down(options.app_name)
+
+
+def _reload_in_place(config: dict, options, args: argparse.Namespace) -> dict:
+    """SIGHUP: re-resolve the model and redeploy if it changed; a failure keeps the old one."""
+    from tether.serving.deploy import DeployError, deploy, serve_config
+    from tether.serving.model import ModelSourceError
+
+    try:
+        new_config = serve_config(options, resolve_user_config(args))
+        if new_config == config:
+            print("tether serve: reload: model unchanged", file=sys.stderr)
+            return config
+        deploy(new_config)
+    except (ModelSourceError, DeployError, ValueError) as e:
+        print(
+            f"tether serve: reload failed, still serving the previous model: {e}", file=sys.stderr
+        )
+        return config
+    print(f"tether serve: reloaded {served_model_dir(new_config)}")
+    return new_config
+
+
+def reload_running_server(config: dict, options, address: str | None) -> int:
+    """--reload: redeploy a running server's app with the re-resolved model, then exit."""
+    from ray import serve
+
+    from tether.launch import ensure_ray
+    from tether.serving.deploy import DeployError, deploy
+
+    try:
+        ensure_ray(address or os.environ.get("RAY_ADDRESS") or "auto")
+    except ConnectionError as e:
+        print(
+            f"tether serve --reload: cannot reach Ray ({e}); pass the --address the server "
+            "printed (with RAY_AUTH_MODE=token when the cluster uses token auth), or send the "
+            "server SIGHUP",
+            file=sys.stderr,
+        )
+        return 1
+    if options.app_name not in serve.status().applications:
+        print(
+            f"tether serve --reload: no application {options.app_name!r} is running on this "
+            "cluster",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        deploy(config)
+    except DeployError as e:
+        print(f"tether serve --reload: failed: {e}", file=sys.stderr)
+        return 1
+    print(f"tether serve: now serving {served_model_dir(config)} at {options.url}")
+    return 0
+
+
+def print_ready(options, config: dict) -> None:
+    import ray
+
+    auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if options.api_key_sha256 else ""
+    address = ray.get_runtime_context().gcs_address
+    # an explicit --address never turns token auth on by itself (Ray 2.59+)
+    auth_env = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+    print(
+        f"tether serve: serving {served_model_dir(config)} at {options.url}\n"
+        f"  docs:   {options.url}/docs\n"
+        f"  try:    curl -s {options.url}/v1/predict -H 'Content-Type: application/json'{auth} "
+        """-d '{"texts": ["a fine film", "a dull film"]}'\n"""
+        f"  reload: kill -HUP {os.getpid()}, or {auth_env}tether serve --reload --address {address} "
+        "[same flags]\n"
+        "Ctrl-C stops it.",
+        flush=True,
+    )
+
+
+def shut_down(app_name: str) -> None:
+    """Delete our app; stop Serve only if nothing else runs on it; leave the cluster alone."""
+    import ray
+    from ray import serve
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+    try:
+        if ray.is_initialized():
+            if app_name in serve.status().applications:
+                serve.delete(app_name)
+            if not serve.status().applications:
+                serve.shutdown()
+    except Exception as e:  # the process is exiting anyway: say what was left behind
+        print(f"tether serve: cleanup incomplete: {type(e).__name__}: {e}", file=sys.stderr)
+    finally:
+        ray.shutdown()  # a local cluster this process started ends with it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def served_model_dir(config: dict) -> str:
+    return config["applications"][0]["deployments"][0]["user_config"]["model_dir"]
+
+
+def _min_max(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (e.g. 1,4), got {text!r}") from None
+    return low, high
+
+
+def _raise_keyboard_interrupt(*_) -> None:
+    raise KeyboardInterrupt
