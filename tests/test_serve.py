@@ -415,6 +415,59 @@ def test_hot_swap_under_load_fails_no_request(server, client, model_a, model_b):
 
 
 @pytest.mark.ray
+def test_champion_alias_move_and_reload_serves_the_new_version(
+    server, client, model_a, model_b, tmp_path, monkeypatch
+):
+    """Serve models:/svc@champion; promote v2 and reload: /v1/model reports v2, no request fails."""
+    from mlflow.tracking import MlflowClient
+
+    from tether.registry import log_model, register_version
+    from tether.serving.model import resolve_model_dir
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow_client = MlflowClient(tracking_uri=uri)
+    exp = mlflow_client.create_experiment("serve", artifact_location=(tmp_path / "art").as_uri())
+    for model_dir in (model_a, model_b):
+        run_id = mlflow_client.create_run(exp).info.run_id
+        register_version(mlflow_client, log_model(uri, run_id, model_dir), "svc", run_id, {})
+    mlflow_client.set_registered_model_alias("svc", "champion", "1")
+    champion = "models:/svc@champion"
+    try:
+        server.redeploy("tether", model_user_config(resolve_model_dir(None, champion), champion))
+        before = client.get("/v1/model").json()
+        mlflow_client.set_registered_model_alias("svc", "champion", "2")  # the alias moves
+
+        async def ask_while_reloading() -> list[httpx.Response]:
+            responses: list[httpx.Response] = []
+            stop = asyncio.Event()
+
+            async def keep_asking(c: httpx.AsyncClient):
+                while not stop.is_set():
+                    responses.append(await c.post("/v1/predict", json={"texts": ["fine"]}))
+
+            async with httpx.AsyncClient(base_url=server.url, timeout=60, headers=AUTH) as c:
+                tasks = [asyncio.create_task(keep_asking(c)) for _ in range(3)]
+                await asyncio.sleep(0.3)
+                reloaded = model_user_config(resolve_model_dir(None, champion), champion)
+                await asyncio.to_thread(server.redeploy, "tether", reloaded)
+                await asyncio.sleep(0.3)
+                stop.set()
+                await asyncio.gather(*tasks)
+            return responses
+
+        responses = asyncio.run(ask_while_reloading())
+        after = client.get("/v1/model").json()
+    finally:
+        server.redeploy("tether", model_user_config(model_a))  # the other tests expect model A
+    assert (before["name"], before["version"], before["alias"]) == ("svc", "1", "champion")
+    assert (after["name"], after["version"], after["alias"]) == ("svc", "2", "champion")
+    assert after["run_id"] and after["run_id"] != before["run_id"]
+    assert responses and all(r.status_code == 200 for r in responses)
+    assert {r.json()["model"]["version"] for r in responses} <= {"1", "2"}
+
+
+@pytest.mark.ray
 def test_deploy_refuses_to_delete_apps_it_does_not_list(server):
     """Deploying a config without the cluster's other apps fails instead of deleting them."""
     from ray import serve
