@@ -11,7 +11,7 @@ STAMP := $(VENV)/.tether-installed
 # pip resolves the CUDA build from the range in pyproject.toml. Override: make TORCH_SPEC=...
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 
-.PHONY: demo test lint format bench clean install
+.PHONY: demo test lint format bench bench-quick bench-hpo clean install
 
 install: $(STAMP)
 
@@ -34,6 +34,30 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format platform tests benchmarks
 	$(BIN)/ruff check --fix platform tests benchmarks
+
+# make bench: every benchmark at its defaults, then docs/benchmarks.md. Budget: <= 5 h on 2
+# idle cores (caps below; typical: anchor_overhead 4 min, serve_load ~6 min, throughput_vs_hf
+# ~45 min, anchoring_quality ~2.2 h); a loaded machine hits the caps and keeps partial results.
+# hpo_efficiency takes hours on its own: make bench-hpo. make bench-quick: smoke runs.
+BENCH_RUN = -timeout -s INT -k 60
+
+bench: $(STAMP)
+	$(BENCH_RUN) 10m  $(BIN)/python benchmarks/anchor_overhead.py
+	$(BENCH_RUN) 15m  $(BIN)/python benchmarks/serve_load.py
+	$(BENCH_RUN) 90m  $(BIN)/python benchmarks/throughput_vs_hf.py
+	$(BENCH_RUN) 180m $(BIN)/python benchmarks/anchoring_quality.py
+	$(BIN)/python benchmarks/report.py
+
+bench-quick: $(STAMP)
+	$(BENCH_RUN) 5m  $(BIN)/python benchmarks/anchor_overhead.py --quick
+	$(BENCH_RUN) 10m $(BIN)/python benchmarks/serve_load.py --quick
+	$(BENCH_RUN) 20m $(BIN)/python benchmarks/throughput_vs_hf.py --quick
+	$(BENCH_RUN) 20m $(BIN)/python benchmarks/anchoring_quality.py --quick
+	$(BIN)/python benchmarks/report.py
+
+bench-hpo: $(STAMP)
+	$(BIN)/python benchmarks/hpo_efficiency.py
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) runs mlruns mlflow.db .pytest_cache .ruff_cache

@@ -21,7 +21,7 @@ from tether.data import PreparedData, prepare_data
 from tether.models import load_tokenizer, resolve_model_source
 from tether.tasks import get_task
 
-RESERVED_LOOP_KEYS = ("job", "data", "local_mode", "verbose")
+RESERVED_LOOP_KEYS = ("job", "data", "local_mode", "verbose", "run_name")
 
 
 @dataclass
@@ -91,7 +91,13 @@ def build_trainer(
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker or 1
     local = s.num_workers == 0
-    loop_config = {"job": spec.to_dict(), "data": data, "local_mode": local, "verbose": verbose}
+    loop_config = {
+        "job": spec.to_dict(),
+        "data": data,
+        "local_mode": local,
+        "verbose": verbose,
+        "run_name": run_name,
+    }
     for key in extra_loop_config or {}:
         if key in RESERVED_LOOP_KEYS:
             raise ValueError(f"extra_loop_config may not set {key!r}")

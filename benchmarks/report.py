@@ -1,0 +1,478 @@
+"""Collect every benchmark result in benchmarks/results/ into one page: docs/benchmarks.md.
+
+    .venv/bin/python benchmarks/report.py                 # writes docs/benchmarks.md
+    .venv/bin/python benchmarks/report.py --out PATH      # somewhere else
+
+Reads <name>.json for each known benchmark (anchor_overhead, throughput_vs_hf,
+anchoring_quality, serve_load, hpo_efficiency); where only <name>_quick.json exists it shows
+that smoke run, marked as such; where neither exists the section says "not yet measured" and
+gives the command. Files are read defensively: each file's top-level keys are printed, a
+renderer that meets an unexpected layout falls back to a generic one (scalars and tables of
+scalar fields), and PNG plots in the results folder are linked. Measures nothing itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_OUT = REPO / "docs" / "benchmarks.md"
+PY = ".venv/bin/python"
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt(x: Any) -> str:
+    """One table cell: 4 significant digits for floats, short strings, '–' for missing."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    if isinstance(x, (list, tuple)):
+        return ", ".join(fmt(v) for v in x[:8]) + (" …" if len(x) > 8 else "")
+    text = str(x).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}"
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += [
+        "| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in r) + " |" for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def is_scalar(x: Any) -> bool:
+    return x is None or isinstance(x, (str, int, float, bool))
+
+
+def machine_line(d: dict[str, Any]) -> str:
+    """The machine block a result recorded, as one line (it may predate this page)."""
+    m = d.get("machine")
+    if not isinstance(m, dict):
+        return "machine: not recorded"
+    keys = ("cpu_count", "torch_threads", "torch", "transformers", "ray", "python")
+    parts = [f"{k} {m[k]}" for k in keys if k in m]
+    if "load_avg_1m_start" in m:
+        end = m.get("load_avg_1m_end")
+        end_text = f"{end:.1f}" if isinstance(end, (int, float)) else "?"
+        parts.append(f"load avg {m['load_avg_1m_start']:.1f} → {end_text} (start → end)")
+    return "measured with " + ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- renderers
+
+
+def render_anchor_overhead(d: dict[str, Any]) -> str:
+    s = d["settings"]
+    rows = []
+    for mode, m in d["modes"].items():
+        anchored = mode != "lambda0"
+        ci = m.get("overhead_paired_ci95_pct") if anchored else None
+        rows.append(
+            [
+                mode,
+                f"{1e3 * m['step_median_s']:.1f}",
+                f"{m['step_iqr_pct']:.1f}",
+                f"{m['overhead_pct']:+.2f}" if anchored else "–",
+                f"{m['overhead_paired_pct']:+.2f} [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "–",
+                f"≤ {m['target_pct']}" if anchored else "–",
+                ("PASS" if m["pass_full_step"] else "FAIL") if anchored else "–",
+                f"{m['anchor_op_in_step_pct']:.2f}" if anchored else "–",
+                ("PASS" if m["pass_anchor_op"] else "FAIL") if anchored else "–",
+            ]
+        )
+    table = md_table(
+        [
+            "mode",
+            "step median ms",
+            "IQR %",
+            "overhead %",
+            "paired % [95% CI]",
+            "target %",
+            "full step",
+            "anchor op % of step",
+            "anchor op",
+        ],
+        rows,
+    )
+    memory = ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in d.get("anchor_bytes", {}).items())
+    return (
+        f"Batch {s['batch_size']}×{s['seq_len']} tokens, {s['steps']} interleaved rounds, "
+        f"λ={s['lam']}, lr={s['lr']}.\n\n{table}\n\nθ* memory: {memory}."
+    )
+
+
+def render_throughput(d: dict[str, Any]) -> str:
+    s = d["settings"]
+    rows = [
+        [
+            arm,
+            f"{a['samples_per_s_median']:.1f}",
+            f"{a['samples_per_s_min']:.1f} – {a['samples_per_s_max']:.1f}",
+            f"{a['epoch_s_median']:.0f}",
+            pct(a["dev_accuracy_median"]),
+            str(a.get("dev_examples", "–")),
+            f"{a['wall_s_median']:.0f}",
+        ]
+        for arm, a in d["arms"].items()
+    ]
+    arms = md_table(
+        ["arm", "samples/s (median)", "min – max", "s/epoch", "dev acc %", "dev n", "wall s"],
+        rows,
+    )
+    ratios = md_table(
+        ["tether / Trainer", "ratio", "target", "verdict", "per round"],
+        [
+            [
+                k,
+                f"{v['ratio']:.2f}×",
+                f"≥ {v['target']}×",
+                "PASS" if v["pass"] else "FAIL",
+                ", ".join(f"{x:.2f}" for x in v["paired_ratios"]),
+            ]
+            for k, v in d.get("ratios", {}).items()
+        ],
+    )
+    data = d.get("data", {})
+    return (
+        f"{data.get('note', '')}. {data.get('num_train', '?')} training sentences, "
+        f"{s['epochs']} epoch(s), max_steps {s.get('max_steps')}, {s['repeats']} interleaved "
+        f"round(s), batch {s['batch_size']}, lr {s['lr']}, coupled λ {s['lam']}, max_length "
+        f"{s['max_length']}, tether group_by_length {s.get('tether_group_by_length')}.\n\n"
+        f"{arms}\n\n{ratios}"
+    )
+
+
+def render_quality(d: dict[str, Any]) -> str:
+    s = d["settings"]
+    rows = [
+        [
+            str(r["n"]),
+            r["arm"],
+            f"{pct(r['mean'])} ± {pct(r['std'])}",
+            "–" if r["arm"] == "plain" else f"{100 * r['delta_vs_plain_mean']:+.1f}",
+            "–" if r["arm"] == "plain" else f"{r['seeds_better_than_plain']}/{len(r['seeds'])}",
+            fmt(r["selected_lambdas"]),
+            fmt(r["selected_lrs"]),
+            r["verdict"],
+        ]
+        for r in d.get("summary", [])
+    ]
+    table = md_table(
+        [
+            "n",
+            "arm",
+            "dev acc % (mean ± std)",
+            "Δ vs plain (pts)",
+            "seeds better",
+            "selected λ",
+            "selected lr",
+            "verdict",
+        ],
+        rows,
+    )
+    grids = "; ".join(f"{arm}: {len(g)} runs" for arm, g in s.get("grids", {}).items())
+    parts = [
+        f"{d.get('data', {}).get('note', '')}. Seeds {fmt(s['seeds'])}; budget per arm: {grids}; "
+        f"≥ {s['epochs']} epochs and ≥ {s['min_steps']} steps; validation carved "
+        f"({s['validation_fraction']:.0%} of n) for selection; dev set only scores winners.",
+        table,
+    ]
+    if not d.get("complete", True):
+        parts.insert(0, "**Partial run** (stopped before every (n, seed) finished).")
+    full = d.get("full_data")
+    if full:
+        parts.append(
+            md_table(
+                ["all data", "λ", "lr", "steps", "dev acc %"],
+                [
+                    [
+                        arm,
+                        fmt(f["trial"]["lam"]),
+                        fmt(f["trial"]["lr"]),
+                        str(f["trial"]["steps"]),
+                        pct(f["dev_accuracy"]),
+                    ]
+                    for arm, f in full.items()
+                ],
+            )
+        )
+    return "\n\n".join(parts)
+
+
+def render_serve_load(d: dict[str, Any]) -> str:
+    rows = [
+        [
+            r.get("server"),
+            r.get("concurrency"),
+            r.get("requests_per_s"),
+            r.get("p50_ms"),
+            r.get("p99_ms"),
+            r.get("errors"),
+            r.get("mean_batch_size"),
+        ]
+        for r in d["results"]
+    ]
+    s = d.get("settings", {})
+    return (
+        f"{fmt(s.get('duration_s'))} s per cell, server CPUs {fmt(s.get('cpus'))}, "
+        f"max_batch_size {fmt(s.get('max_batch_size'))}, quantize {fmt(s.get('quantize'))}.\n\n"
+        + md_table(
+            ["server", "clients", "requests/s", "p50 ms", "p99 ms", "errors", "mean batch"], rows
+        )
+    )
+
+
+def render_generic(d: dict[str, Any]) -> str:
+    """Any JSON: top-level scalars; dicts of scalars as one line; sibling dicts (e.g. one per
+    strategy) as one table; and every list of records, up to one level down, as a table."""
+    parts = [f"Top-level keys: {', '.join(f'`{k}`' for k in d)}."]
+    scalars = [[k, fmt(v)] for k, v in d.items() if is_scalar(v)]
+    if scalars:
+        parts.append(md_table(["key", "value"], scalars))
+    blocks = {}
+    for key, value in d.items():
+        if key == "machine" or not isinstance(value, dict):
+            continue
+        if all(is_scalar(v) for v in value.values()):
+            parts.append(f"`{key}`: " + ", ".join(f"{k}={fmt(v)}" for k, v in value.items()))
+        elif key != "settings":
+            blocks[key] = value
+    if blocks:
+        parts.append(_records_table([{"name": k} | v for k, v in blocks.items()]))
+    nested = [(k, v) for k, v in d.items()] + [
+        (f"{k}.{kk}", vv) for k, v in blocks.items() for kk, vv in v.items()
+    ]
+    for key, value in nested:
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            parts.append(f"`{key}`:\n\n" + _records_table(value))
+    return "\n\n".join(parts)
+
+
+def flat_scalars(record: dict[str, Any]) -> dict[str, Any]:
+    """Scalar fields, plus those of nested dicts one level down as `outer.inner`."""
+    out = {}
+    for k, v in record.items():
+        if is_scalar(v):
+            out[k] = v
+        elif isinstance(v, dict):
+            out |= {f"{k}.{kk}": vv for kk, vv in v.items() if is_scalar(vv)}
+    return out
+
+
+def _records_table(records: list[dict[str, Any]], max_cols: int = 12, max_rows: int = 40) -> str:
+    flat = [flat_scalars(r) for r in records]
+    columns: list[str] = []
+    for r in flat:
+        columns += [k for k in r if k not in columns]
+    columns = columns[:max_cols]
+    rows = [[fmt(r.get(c)) for c in columns] for r in flat[:max_rows]]
+    more = (
+        f"\n\n({len(records) - max_rows} more rows in the JSON)" if len(records) > max_rows else ""
+    )
+    return md_table(columns, rows) + more
+
+
+# --------------------------------------------------------------------------- the benchmarks
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    title: str
+    measures: str
+    command: str
+    quick_command: str
+    render: Callable[[dict[str, Any]], str]
+
+
+BENCHMARKS = (
+    Benchmark(
+        "anchor_overhead",
+        "Anchor overhead per optimizer step",
+        "optimizer-step time of λ=0 vs coupled vs decoupled anchoring on MiniLM (targets: "
+        "coupled ≤ 3 %, decoupled ≤ 2 % over λ=0)",
+        f"{PY} benchmarks/anchor_overhead.py",
+        f"{PY} benchmarks/anchor_overhead.py --quick",
+        render_anchor_overhead,
+    ),
+    Benchmark(
+        "throughput_vs_hf",
+        "Training throughput vs Hugging Face Trainer",
+        "samples/s of tether's loop (λ=0, coupled) vs transformers.Trainer (pad-to-128 defaults "
+        "and dynamic padding + length grouping), single process, CPU (targets: ≥ 1.3× Trainer "
+        "defaults, ≥ 1.0× Trainer best), with dev accuracy",
+        f"{PY} benchmarks/throughput_vs_hf.py",
+        f"{PY} benchmarks/throughput_vs_hf.py --quick",
+        render_throughput,
+    ),
+    Benchmark(
+        "anchoring_quality",
+        "Does anchoring help? (low-data SST-2)",
+        "SST-2 dev accuracy of plain vs coupled vs decoupled fine-tuning at n = 100, 500, 2000, "
+        "each tuned with the same budget on a validation split carved from the n",
+        f"{PY} benchmarks/anchoring_quality.py",
+        f"{PY} benchmarks/anchoring_quality.py --quick",
+        render_quality,
+    ),
+    Benchmark(
+        "serve_load",
+        "Serving throughput and latency",
+        "requests/s and p50/p99 latency of tether serve (batching on/off) vs a naive FastAPI "
+        "server",
+        f"{PY} benchmarks/serve_load.py",
+        f"{PY} benchmarks/serve_load.py --quick",
+        render_serve_load,
+    ),
+    Benchmark(
+        "hpo_efficiency",
+        "Hyperparameter search efficiency",
+        "one λ × lr grid searched exhaustively and under ASHA, same trials: best validation "
+        "accuracy and trial-epochs spent (target: ASHA within 0.5 points using ≤ 40 % of the "
+        "grid's trial-epochs)",
+        f"{PY} benchmarks/hpo_efficiency.py",
+        f"{PY} benchmarks/hpo_efficiency.py --quick",
+        render_generic,
+    ),
+)
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    """The JSON at ``path``, or None (missing, unreadable or not an object: said on stdout)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"{path.name}: unreadable ({e}); skipped")
+        return None
+    if not isinstance(data, dict):
+        print(f"{path.name}: top level is {type(data).__name__}, not an object; skipped")
+        return None
+    print(f"{path.name}: top-level keys {list(data)}")
+    return data
+
+
+def section(b: Benchmark, results: Path, out_dir: Path) -> str:
+    """One benchmark's section: its result (full, else the quick smoke run) or the command."""
+    lines = [f"## {b.title}", "", f"Measures: {b.measures}.", ""]
+    full, quick = results / f"{b.name}.json", results / f"{b.name}_quick.json"
+    data, path = load(full), full
+    if data is None:
+        lines += ["**Not yet measured.** Run:", "", "```bash", b.command, "```", ""]
+        data, path = load(quick), quick
+        if data is None:
+            return "\n".join(lines)
+        lines += [
+            "Only a `--quick` smoke run exists (tiny settings, noisy: not a measurement):",
+            "",
+        ]
+    measured = dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+    command = data.get("command") or (b.quick_command if path == quick else b.command)
+    lines += [
+        f"Command: `{command}` — `{os.path.relpath(path, REPO)}`, written {measured}; "
+        f"{machine_line(data)}.",
+        "",
+    ]
+    lines += [render_or_fallback(b, data), ""]
+    # the quick run's plots go with the quick run only, and the real run's with the real one
+    pngs = [
+        p
+        for p in sorted(results.glob(f"{path.stem}*.png"))
+        if p.stem.endswith("_quick") == path.stem.endswith("_quick")
+    ]
+    lines += plot_links(pngs, out_dir)
+    return "\n".join(lines)
+
+
+def render_or_fallback(b: Benchmark, data: dict[str, Any]) -> str:
+    """The benchmark's own renderer; if the JSON's layout surprises it, the generic one."""
+    try:
+        return b.render(data)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        print(f"{b.name}: layout not as expected ({type(e).__name__}: {e}); generic rendering")
+        return f"(Rendered generically: unexpected layout, {type(e).__name__}: {e}.)\n\n" + (
+            render_generic(data)
+        )
+
+
+def plot_links(pngs: list[Path], out_dir: Path) -> list[str]:
+    return [f"![{p.stem}]({os.path.relpath(p, out_dir)})\n" for p in pngs]
+
+
+def extra_section(path: Path, data: dict[str, Any]) -> str:
+    """A result file no section claims: rendered like the benchmark its name starts with."""
+    owner = next((b for b in BENCHMARKS if path.stem.startswith(b.name + "_")), None)
+    body = render_or_fallback(owner, data) if owner else render_generic(data)
+    command = data.get("command")
+    command_line = f"Command: `{command}`. " if command else ""
+    return f"## {path.stem}\n\n{command_line}{machine_line(data)}.\n\n{body}\n"
+
+
+def header(out_dir: Path) -> str:
+    """Where and when this page was generated, and with which library versions."""
+    versions = {}
+    for module in ("torch", "transformers", "ray", "accelerate"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            versions[module] = "not installed"
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(
+        [
+            "# Benchmarks",
+            "",
+            f"Generated by `{PY} benchmarks/report.py` on {now} from the JSON files in "
+            f"[`benchmarks/results/`]({os.path.relpath(RESULTS, out_dir)}); regenerate after "
+            "running any benchmark. How each one measures: [benchmarks/README.md]("
+            f"{os.path.relpath(REPO / 'benchmarks' / 'README.md', out_dir)}).",
+            "",
+            f"This machine: {os.cpu_count()} CPUs, "
+            + ", ".join(f"{k} {v}" for k, v in versions.items())
+            + f", Python {sys.version.split()[0]}. Each section names the machine its numbers came "
+            "from; numbers from a shared, loaded machine are noisy: read the recorded load average.",
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder with the JSON files")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown file to write")
+    args = p.parse_args(argv)
+    out_dir = args.out.resolve().parent
+    parts = [header(out_dir)] + [section(b, args.results, out_dir) for b in BENCHMARKS]
+    known = {b.name for b in BENCHMARKS}
+    others = [
+        f for f in sorted(args.results.glob("*.json")) if f.stem.removesuffix("_quick") not in known
+    ]
+    for f in others:  # variants (serve_load_quick_1cpu) and new benchmarks still show up
+        data = load(f)
+        if data is not None:
+            parts.append(extra_section(f, data))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(parts).rstrip() + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
