@@ -123,7 +123,7 @@ def make_runner(
     # like the loop: anchored weights decay toward zero only when there is no anchor, so the
     # λ=0 step does a little more optimizer work; that is part of what switching λ on changes
     groups = param_groups(model, {n for n, _ in anchored}, lr, 0.01, 1.0, lam_mode == 0)
-    optimizer = torch.optim.AdamW(groups, lr=lr)
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)  # as the loop builds it
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Runner(mode, model, optimizer, anchor, trainable)
 
