@@ -100,7 +100,9 @@ def easy_csv(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def make_tiny_job(model_dir: Path, easy_csv: dict[str, Path], storage: Path, **updates) -> dict:
+def make_tiny_job(
+    model_dir: Path, easy_csv: dict[str, Path], storage_path: Path, **updates
+) -> dict:
     """A fast job on the tiny model and toy data; ``updates`` are merged per section."""
     from tether.config import deep_merge
 
@@ -116,7 +118,7 @@ def make_tiny_job(model_dir: Path, easy_csv: dict[str, Path], storage: Path, **u
         "optim": {"lr": 3e-3, "warmup_ratio": 0.0},
         "train": {"epochs": 4, "batch_size": 16, "eval_interval": 5, "seed": 7},
         "scaling": {"num_workers": 2, "max_failures": 0},
-        "storage": {"path": str(storage)},
+        "storage": {"path": str(storage_path)},
     }
     return deep_merge(job, updates)
 

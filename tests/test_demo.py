@@ -51,6 +51,7 @@ def test_quick_demo_runs_search_register_serve_and_answers(
     assert summary["trials"] == 3 and summary["baseline_best"]["config"]["objective.lambda"] == 0
     assert arms is None or arms == {"anchored", "baseline"}
     # registered and promoted: the first version of a fresh store becomes champion
+    assert summary.get("tracking") == "ok" and summary.get("registry"), out[-4000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("demo", "champion")
     assert summary["registry"]["version"] == str(champion.version)

@@ -282,15 +282,17 @@ def test_sweep_writes_table_csv_plots_and_summary(asha_sweep):
 @pytest.mark.slow
 def test_trial_hooks_and_tune_callbacks_see_every_trial(asha_sweep):
     """Each trial's hooks start in its actor, completed ones finish (and may annotate the
-    trial summary), stopped ones are never reported as finished or failed, and driver-side
-    Tune callbacks see every trial end."""
+    trial summary), stopped ones are never reported as finished, and driver-side Tune
+    callbacks see every trial end."""
     outcome, completions, root, _ = asha_sweep
     ids = {r["trial_id"] for r in outcome.rows}
     assert {p.stem for p in (root / "hooks").glob("*.start")} == ids
     status = {p.stem: p.read_text() for p in (root / "hooks").glob("*.finish")}
     completed = {r["trial_id"] for r in outcome.rows if r["status"] == "completed"}
     assert {t for t, s in status.items() if s == "FINISHED"} == completed
-    assert {s for t, s in status.items() if t not in completed} <= {"KILLED"}  # may be cut short
+    # a stopped trial's own hook may be cut short, or (under load) see its fit fail before
+    # Tune's stop event is visible: the driver-side callback below is the authoritative record
+    assert {s for t, s in status.items() if t not in completed} <= {"KILLED", "FAILED"}
     for trial_id in completed:
         trial_summary = json.loads(
             Path(outcome.summary["sweep_dir"], "trials", trial_id, "summary.json").read_text()

@@ -109,7 +109,7 @@ def submit(
     return client, submit_with_retry(client, request)
 
 
-def submit_with_retry(client, request: dict, timeout_s: float = 90.0) -> str:
+def submit_with_retry(client, request: dict, timeout_s: float = 240.0) -> str:
     """Submit; a just-started head answers "No available agent" until its job agent is up."""
     deadline = time.monotonic() + timeout_s
     while True:
