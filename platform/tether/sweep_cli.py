@@ -34,7 +34,8 @@ def register(subparsers) -> None:
 def cmd_tune(args) -> int:
     from tether.config import SpecError, load_job
     from tether.data import DataError
-    from tether.sweep import open_sweep, run_sweep, write_json
+    from tether.sweep import open_sweep, write_json
+    from tether.sweep_tracking import run_tracked_sweep
 
     try:
         if isinstance(args.resume, str) and "=" in args.resume:
@@ -50,7 +51,8 @@ def cmd_tune(args) -> int:
         print("tether: invalid sweep; nothing was started", file=sys.stderr)
         return 2
     try:
-        outcome = run_sweep(sweep, verbose=args.verbose)
+        # MLflow parent + child runs, best model registered and gated (tracking.enabled)
+        outcome = run_tracked_sweep(sweep, verbose=args.verbose)
     except SpecError as e:  # e.g. one trial does not fit the cluster
         print(e, file=sys.stderr)
         return 2
