@@ -24,7 +24,6 @@ def test_quick_demo_runs_search_register_serve_and_answers(
     ray_cluster, tmp_path, monkeypatch, capsys
 ):
     """The README's main command, shrunk: sweep with a λ=0 arm → champion → live answers."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # the embedded MLflow store lands in ./mlflow.db
@@ -67,4 +66,3 @@ def test_quick_demo_runs_search_register_serve_and_answers(
     assert all(p["label"] in ("negative", "positive") for p in predictions)
     for line in ("best trial:", "best λ=0", "MLflow UI:", "endpoint: curl"):
         assert line in out
-    mlflow.set_tracking_uri(None)

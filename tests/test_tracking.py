@@ -90,7 +90,9 @@ def test_a_train_run_is_one_mlflow_run_with_curves_params_spec_and_data(good_run
     assert good_run.summary["tracking"] == "ok"
 
 
-def test_champion_loads_with_pyfunc_and_predicts_like_the_model_dir(good_run, store, easy_csv):
+def test_champion_loads_with_pyfunc_and_predicts_like_the_model_dir(
+    good_run, store, easy_csv, monkeypatch
+):
     """models:/toy@champion loads with mlflow.pyfunc and agrees with the exported folder."""
     import mlflow
 
@@ -98,7 +100,7 @@ def test_champion_loads_with_pyfunc_and_predicts_like_the_model_dir(good_run, st
 
     _, db = store
     assert good_run.summary["registry"]["promoted"] is True
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")  # restored after the test
     model = mlflow.pyfunc.load_model("models:/toy@champion")
     texts = list(pd.read_csv(easy_csv["validation"]).text[:20])
     got = model.predict(pd.DataFrame({"text": texts}))

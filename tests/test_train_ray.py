@@ -131,11 +131,22 @@ def test_resume_refuses_a_different_theta_star(reference_run, tiny_model_dir, tm
 
     from tether.anchor import anchored_parameters
     from tether.checkpoints import AnchorMismatch, load_training_state
+    from tether.loop import param_groups
     from tether.models import load_base_model
 
-    _, outcome = reference_run
+    spec, outcome = reference_run
     loaded = load_base_model(str(tiny_model_dir), AutoModelForSequenceClassification, 2)
-    opt = torch.optim.AdamW(loaded.model.parameters())
+    anchored = {n for n, _ in anchored_parameters(loaded.model, loaded.new_param_names)}
+    opt = torch.optim.AdamW(  # the loop's groups, so the saved optimizer state fits
+        param_groups(
+            loaded.model,
+            anchored,
+            spec.optim.lr,
+            spec.optim.weight_decay,
+            spec.optim.new_param_lr_scale,
+            decay_anchored=False,
+        )
+    )
     with pytest.raises(AnchorMismatch, match="refusing to resume"):
         load_training_state(Path(outcome.result.checkpoint.path), 0, loaded.model, opt, "0" * 64)
     # and the true hash of the same base is accepted

@@ -17,7 +17,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from tether.tracking import resolve_tracking_uri
+from tether.tracking import active_tracking_uri, resolve_tracking_uri
 
 HF_ARTIFACT = "hf_model"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -62,8 +62,7 @@ def log_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
 
     example = pd.DataFrame({"text": ["a wonderful, moving film", "dull and far too long"]})
     output = predictions_frame(load_served_model(Path(model_dir)), list(example.text))
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with active_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=TetherTextClassifier(),
@@ -176,9 +175,11 @@ def fetch_model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
     import yaml
 
     uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
     target = Path(tempfile.mkdtemp(prefix="tether-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target)))
+    with active_tracking_uri(uri):
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target))
+        )
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
     if HF_ARTIFACT not in artifacts:

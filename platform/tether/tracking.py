@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +33,28 @@ __all__ = ["resolve_tracking_uri", "open_run", "close_run", "make_tracker", "Run
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VALUE = 6000
+
+
+@contextmanager
+def active_tracking_uri(uri: str):
+    """MLflow's fluent API against ``uri``, then everything as it was.
+
+    ``mlflow.set_tracking_uri`` also writes MLFLOW_TRACKING_URI into the process environment,
+    which would silently redirect every later default; restore both.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_uri, old_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri = old_uri
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
