@@ -245,7 +245,11 @@ def register_and_gate(spec, summary: dict[str, Any], data) -> dict[str, Any]:
         "mode": spec.objective.mode,
         "run_dir": summary.get("run_dir"),
     }
-    version = register_version(client, summary["model_uri"], name, summary["mlflow_run_id"], tags)
+    # MLflow resolves a models:/m-… source through the *global* tracking URI: point it here
+    with active_tracking_uri(uri):
+        version = register_version(
+            client, summary["model_uri"], name, summary["mlflow_run_id"], tags
+        )
     decision = gate_champion(
         client,
         name,
