@@ -24,26 +24,21 @@ from tether.sweep_search import (
     validate_sweep,
 )
 
+from .conftest import make_tiny_job
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def sweep_job(model_dir, easy_csv, storage: Path, tune: dict, **sections) -> dict:
     """The tiny job as one-worker trials (two fit the 4-CPU test cluster at once)."""
-    job = {
-        "name": "tiny",
-        "model": {"name": str(model_dir), "label_names": ["negative", "positive"]},
-        "data": {
-            "train": str(easy_csv["train"]),
-            "validation": str(easy_csv["validation"]),
-            "max_length": 32,
-        },
-        "objective": {"lambda": 0.01},
-        "optim": {"lr": 3e-3, "warmup_ratio": 0.0},
-        "train": {"epochs": 2, "batch_size": 16, "eval_interval": 10, "seed": 7},
-        "scaling": {"num_workers": 1, "max_failures": 0},
-        "storage": {"path": str(storage)},
-        "tune": {"max_concurrent_trials": 2, "max_failures": 0, **tune},
-    }
+    job = make_tiny_job(
+        model_dir,
+        easy_csv,
+        storage,
+        train={"epochs": 2, "eval_interval": 10},
+        scaling={"num_workers": 1},
+        tune={"max_concurrent_trials": 2, "max_failures": 0, **tune},
+    )
     return deep_merge(job, sections)
 
 
