@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -36,6 +34,7 @@ from typing import Any
 
 import torch
 
+from _common import RESULTS, apply_quick, machine_info, write_json
 from tether.anchor import (
     Anchor,
     add_anchor_grad_,
@@ -50,7 +49,6 @@ from tether.synthetic import sentiment_examples
 MODEL = "packaged:all-MiniLM-L6-v2"
 MODES = ("lambda0", "coupled", "decoupled")
 TARGET_OVERHEAD_PCT = {"coupled": 3.0, "decoupled": 2.0}
-RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = {"batch_size": 8, "seq_len": 32, "warmup": 3, "steps": 5, "op_calls": 10}
 
 
@@ -74,13 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    if args.out is None:  # a smoke run must not overwrite the real numbers
-        args.out = RESULTS / (
-            "anchor_overhead_quick.json" if args.quick else "anchor_overhead.json"
-        )
+    apply_quick(args, QUICK, "anchor_overhead")
     if args.steps < 1 or args.warmup < 0 or args.op_calls < 1:
         p.error("need --steps >= 1, --warmup >= 0, --op-calls >= 1")
     return args
@@ -255,24 +247,6 @@ def isolated_op_times(
 # --------------------------------------------------------------------------- report
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    import transformers
-
-    # a container or taskset may allow fewer CPUs than the machine has
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_available": len(affinity) if affinity is not None else None,
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "load_avg_1m_start": os.getloadavg()[0],
-    }
-
-
 def pct(x: float, base: float) -> float:
     return 100.0 * x / base
 
@@ -371,14 +345,6 @@ def print_table(modes: dict[str, Any], isolated: dict[str, dict[str, Any]], step
         print(f"  {key:<20} {v['anchor_bytes']:>12,d} B  {v['median_ms']:>8.2f} ms/call")
 
 
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    """Write via a .tmp sibling and rename, so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -390,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)  # fixed: the thread count moves step time most
     started = time.time()
-    info = machine_info(args.threads)  # load average before we add our own
+    info = machine_info(torch_threads=args.threads)  # load average before we add our own
 
     print(f"loading {MODEL} ×3, batches {args.batch_size}×{args.seq_len}, {args.threads} threads")
     model, new_names = load_model(args.seed)

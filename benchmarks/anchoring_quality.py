@@ -1,8 +1,8 @@
 """Does anchoring help? Plain fine-tuning vs L2-SP (coupled, decoupled) on low-data SST-2.
 
-    .venv/bin/python benchmarks/anchoring_quality.py             # n ∈ {100, 500, 2000} × 3 seeds, 3 λ × 2 lr
+    .venv/bin/python benchmarks/anchoring_quality.py             # n ∈ {100, 500, 2000} × 3 seeds, 2 λ × 2 lr
     .venv/bin/python benchmarks/anchoring_quality.py --quick     # smoke run: n=100, 1 seed, 2 λ × 2 lr, 1 epoch
-    .venv/bin/python benchmarks/anchoring_quality.py --full-data # the above, then all 67k, 1 epoch
+    .venv/bin/python benchmarks/anchoring_quality.py --full-data # the above, then the best arm on all 67k
     .venv/bin/python benchmarks/anchoring_quality.py --help      # --ns --seeds --lr-range --lr-points --lambdas-* --epochs ...
 
 For each training-set size n and data seed, tether samples n SST-2 training sentences
@@ -25,7 +25,9 @@ Reports mean ± std dev accuracy per n per arm, the paired difference to plain o
 a verdict (helps / no clear difference / hurts), the selected λ and lr, a plot of accuracy vs n
 and a JSON (benchmarks/results/anchoring_quality.{json,png}; --quick: *_quick.*). The JSON is
 rewritten after every (n, seed), so a stopped run keeps what it finished. --full-data also
-trains each arm on all training sentences with the setting chosen most often at the largest n.
+trains on all training sentences with the setting chosen most often at the largest n: the best
+arm by mean validation accuracy there (the dev set picks nothing), or the arms named in
+--full-data-arms.
 
 Data: ../shared/data/sst2/{train,dev}.tsv; without them, tether's synthetic:sentiment data
 written to the same TSV layout (4000 train, 872 held-out-phrasing "dev"), said in the output.
@@ -35,13 +37,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import logging
 import math
 import os
-import platform
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -59,6 +57,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from _common import apply_quick, exit_on_sigterm, machine_info, quiet_libraries, write_json  # noqa: E402
 from tether.config import validate_job  # noqa: E402
 from tether.data import PreparedData, load_rows  # noqa: E402
 from tether.launch import prepare_run_data, run_training  # noqa: E402
@@ -69,7 +68,6 @@ MODEL = "packaged:all-MiniLM-L6-v2"
 LABEL_NAMES = ["negative", "positive"]
 ARMS = ("plain", "coupled", "decoupled")
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 SST2 = REPO.parent / "shared" / "data" / "sst2"
 QUICK = {
     "ns": [100],
@@ -105,9 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # task gradient, so λ≈0.01 is close to plain and λ≈1 pins the backbone (the head, at 10×
     # lr, still learns: a linear-probe end point); decoupled: the pull is lr·λ per step, so λ
     # must be ~1/(lr·steps) ≈ 100 to matter in a short run, and lr·λ ≥ 1 is a hard pin
-    p.add_argument("--lambdas-coupled", type=floats, default=[0.01, 0.1, 1.0])
-    p.add_argument("--lambdas-decoupled", type=floats, default=[100.0, 1000.0, 10000.0])
-    p.add_argument("--epochs", type=int, default=5, help="epochs per run (at least)")
+    p.add_argument("--lambdas-coupled", type=floats, default=[0.1, 1.0])
+    p.add_argument("--lambdas-decoupled", type=floats, default=[100.0, 1000.0])
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run (at least)")
     p.add_argument("--min-steps", type=int, default=60, help="more epochs until this many steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--new-param-lr-scale", type=float, default=10.0, help="head lr multiplier")
@@ -116,21 +114,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--full-data", action="store_true", help="also train on every sentence")
     p.add_argument("--full-data-epochs", type=int, default=1)
-    p.add_argument("--full-data-arms", default=",".join(ARMS), help="arms for --full-data")
+    p.add_argument(
+        "--full-data-arms",
+        default="best",
+        help="arms for --full-data; best: the arm whose winners had the highest mean"
+        " validation accuracy at the largest n (validation, never dev, picks it)",
+    )
     p.add_argument("--data-dir", type=Path, default=SST2, help="folder with train.tsv, dev.tsv")
     p.add_argument("--workdir", type=Path, help="runs and temp checkpoints (default: a temp dir)")
     p.add_argument("--verbose", action="store_true", help="library INFO logs")
     p.add_argument("--out", type=Path, help="JSON path (default results/anchoring_quality.json)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    if args.out is None:  # a smoke run must not overwrite the real numbers
-        args.out = RESULTS / f"anchoring_quality{'_quick' if args.quick else ''}.json"
+    apply_quick(args, QUICK, "anchoring_quality")
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     args.full_data_arms = [a.strip() for a in args.full_data_arms.split(",") if a.strip()]
-    problems = [a for a in args.arms + args.full_data_arms if a not in ARMS]
+    problems = [a for a in args.arms + args.full_data_arms if a not in (*ARMS, "best")]
     if problems or "plain" not in args.arms:
         p.error(f"--arms must include plain (the control); unknown: {problems}")
     if not args.ns or not args.seeds or args.lr_points < 1 or args.epochs < 1:
@@ -464,15 +463,30 @@ def best_setting(cells: dict[int, dict[int, dict]], arm: str) -> tuple[float, fl
     )
 
 
+def best_arm(cells: dict[int, dict[int, dict]], arms: list[str]) -> str:
+    """The arm whose selected runs had the highest mean validation accuracy at the largest n.
+
+    Validation accuracy, not dev: the dev set stays a pure test set even for this choice.
+    Ties go to the earlier arm in ``arms`` (plain first: the anchor has to earn its place).
+    """
+    by_seed = cells[max(cells)]
+
+    def mean_val(arm: str) -> float:
+        return statistics.mean(by_seed[s][arm]["selected"]["val_accuracy"] for s in by_seed)
+
+    return max(arms, key=mean_val)  # max keeps the first of equals
+
+
 def run_full_data(
     args: argparse.Namespace, train: Path, workdir: Path, cells: dict, dev: DevSet
 ) -> dict[str, Any]:
-    """Every arm once on all training sentences with its best low-data setting."""
+    """The chosen arm(s) once on all training sentences with the best low-data setting."""
     base = job(args, train, workdir, None, args.seeds[0])
     base["data"]["validation_fraction"] = 0.01  # nothing is selected here: a small carve
     data = prepare_run_data(validate_job(base | {"train": base["train"] | {"epochs": 1}}))
+    arms = [best_arm(cells, args.arms) if a == "best" else a for a in args.full_data_arms]
     out = {}
-    for arm in args.full_data_arms:
+    for arm in dict.fromkeys(arms):
         lam, lr = best_setting(cells, arm)
         print(
             f"full data: {arm} λ={lam:g} lr={lr:.2g}, {len(data.train)} sentences ...", flush=True
@@ -486,48 +500,6 @@ def run_full_data(
 
 
 # --------------------------------------------------------------------------- output
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    import ray
-    import transformers
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_avg_1m_start": os.getloadavg()[0],
-    }
-
-
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    """Write via a .tmp sibling and rename, so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def quiet_libraries(verbose: bool) -> None:
-    """Ray's local mode logs every report at INFO (a 30-key dict per run): keep output readable."""
-    if verbose:
-        return
-    from transformers.utils import logging as hf_logging
-
-    for name in ("ray", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def exit_on_sigterm() -> None:
-    """`timeout` and job schedulers send SIGTERM: exit through the finally blocks, so the
-    workdir (gigabytes of checkpoints) is removed and the JSON so far is kept."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 # --------------------------------------------------------------------------- main
@@ -557,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "anchoring_quality",
         "command": " ".join([".venv/bin/python", *sys.argv]),
-        "machine": machine_info(args.threads),
+        "machine": machine_info(torch_threads=args.threads),
         "data": {
             "note": note,
             "synthetic": synthetic,

@@ -22,19 +22,17 @@ trial-epochs. Writes benchmarks/results/hpo_efficiency.json (--quick: _quick.jso
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from _common import RESULTS, machine_info, write_json
 from tether.config import validate_job
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
 TARGET_POINTS, TARGET_COMPUTE = 0.5, 0.40
 # sample counts make whole steps per epoch divisible by 3 at batch 16, so evaluations (three
@@ -206,23 +204,6 @@ def verdict(grid: dict[str, Any], asha: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def machine_info(cpus: int) -> dict[str, Any]:
-    import ray
-    import torch
-    import transformers
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "ray_cpus": cpus,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_avg_1m_start": os.getloadavg()[0],
-    }
-
-
 def print_table(result: dict[str, Any]) -> None:
     head = (
         f"{'strategy':<10} {'trials':>6} {'stopped':>7} {'trial-epochs':>12} {'best acc':>9} "
@@ -268,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     job = base_job(size, workdir, args.batch_size)
     data = prepare_run_data(validate_job(job))  # tokenized once for both sweeps
     result: dict[str, Any] = {
-        "machine": machine_info(args.cpus),
+        "machine": machine_info(ray_cpus=args.cpus),
         "settings": {
             "quick": args.quick,
             **size,
@@ -288,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     result["verdict"] = verdict(result["grid"], result["asha"])
     result["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     out = args.out or RESULTS / f"hpo_efficiency{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    write_json(out, result)
     print()
     print_table(result)
     print(f"results: {out}" + (f"; runs kept in {workdir}" if args.keep or args.workdir else ""))

@@ -240,6 +240,30 @@ def render_serve_load(d: dict[str, Any]) -> str:
     )
 
 
+def render_gpu(d: dict[str, Any]) -> str:
+    m, s = d.get("machine", {}), d["settings"]
+    rows = [
+        [
+            r["model"],
+            r["precision"],
+            r["mode"],
+            f"{r['samples_per_s']:.1f}",
+            f"{r['step_ms_median']:.1f}",
+            "–" if r.get("overhead_pct") is None else f"{r['overhead_pct']:+.1f}",
+            "–" if r.get("peak_memory_bytes") is None else f"{r['peak_memory_bytes'] / 2**30:.2f}",
+        ]
+        for r in d["results"]
+    ]
+    return (
+        f"Device: {m.get('gpu', m.get('device', '?'))} (CUDA {m.get('cuda', '?')}); batch "
+        f"{s['batch_size']}×{s['seq_len']} random tokens, {s['steps']} timed steps after "
+        f"{s['warmup']}, λ={s['lam']}, 1 worker.\n\n"
+        + md_table(
+            ["model", "precision", "mode", "samples/s", "ms/step", "overhead %", "peak GiB"], rows
+        )
+    )
+
+
 def render_generic(d: dict[str, Any]) -> str:
     """Any JSON: top-level scalars; dicts of scalars as one line; sibling dicts (e.g. one per
     strategy) as one table; and every list of records, up to one level down, as a table."""
@@ -351,6 +375,15 @@ BENCHMARKS = (
         f"{PY} benchmarks/hpo_efficiency.py --quick",
         render_generic,
     ),
+    Benchmark(
+        "gpu_throughput",
+        "GPU training throughput",
+        "samples/s of MiniLM and a BERT-base-sized model on one GPU, fp32 vs bf16 autocast, "
+        "λ=0 vs coupled vs decoupled (runs only where a CUDA device is present)",
+        f"{PY} benchmarks/gpu_throughput.py",
+        f"{PY} benchmarks/gpu_throughput.py --quick",
+        render_gpu,
+    ),
 )
 
 
@@ -453,13 +486,116 @@ def header(out_dir: Path) -> str:
     )
 
 
+# --------------------------------------------------------------------------- at a glance
+
+
+def glance_rows(name: str, d: dict[str, Any]) -> list[list[str]]:
+    """(target, measured, verdict) rows for one benchmark's headline numbers."""
+    if name == "anchor_overhead":
+        return [
+            [
+                f"{mode} step overhead over λ=0",
+                f"≤ {m['target_pct']} %",
+                f"{m['overhead_pct']:+.2f} %",
+                "PASS" if m["pass_full_step"] else "FAIL",
+            ]
+            for mode, m in d["modes"].items()
+            if mode != "lambda0"
+        ]
+    if name == "throughput_vs_hf":
+        return [
+            [f"samples/s {k}", f"≥ {v['target']}×", f"{v['ratio']:.2f}×", verdict(v["pass"])]
+            for k, v in d["ratios"].items()
+        ]
+    if name == "anchoring_quality":
+        rows = [
+            [
+                f"{r['arm']} vs plain, n={r['n']}",
+                "report what is found",
+                f"{100 * r['delta_vs_plain_mean']:+.1f} pts dev acc "
+                f"({r['seeds_better_than_plain']}/{len(r['seeds'])} seeds better)",
+                r["verdict"],
+            ]
+            for r in d["summary"]
+            if r["arm"] != "plain"
+        ]
+        for arm, f in (d.get("full_data") or {}).items():
+            rows.append(
+                [
+                    f"{arm}, all training data",
+                    "reference 91.5 (MiniLM-L6-H384)",
+                    f"{pct(f['dev_accuracy'])} % dev acc",
+                    "–",
+                ]
+            )
+        return rows
+    if name == "hpo_efficiency":
+        v = d["verdict"]
+        return [
+            [
+                "ASHA vs grid",
+                "≤ 0.5 pts below, ≤ 40 % of trial-epochs",
+                f"{v['accuracy_gap_points']:+.2f} pts, {100 * v['compute_fraction']:.1f} %",
+                verdict(v["pass"]),
+            ]
+        ]
+    if name == "gpu_throughput":
+        return [
+            [
+                f"{r['model']} {r['precision']} {r['mode']}",
+                "–",
+                f"{r['samples_per_s']:.0f} samples/s"
+                + ("" if r.get("overhead_pct") is None else f" ({r['overhead_pct']:+.1f} %)"),
+                "–",
+            ]
+            for r in d["results"]
+            if r["mode"] != "decoupled"
+        ]
+    if name == "serve_load":
+        top = max(r["concurrency"] for r in d["results"])
+        at_top = {r["server"]: r for r in d["results"] if r["concurrency"] == top}
+        cells = ", ".join(
+            f"{k} {r['requests_per_s']:.1f} req/s (p99 {fmt(r['p99_ms'])} ms)"
+            for k, r in at_top.items()
+        )
+        return [[f"requests/s at {top} clients", "batching beats naive", cells, "–"]]
+    return []
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def glance(results: Path) -> str:
+    """One table of every benchmark's headline numbers, and whether each is a real run."""
+    rows = []
+    for b in BENCHMARKS:
+        full, quick = results / f"{b.name}.json", results / f"{b.name}_quick.json"
+        kind, path = ("full", full) if full.is_file() else ("quick only", quick)
+        if not path.is_file():
+            why = "(needs a CUDA device; none was available)" if b.name == "gpu_throughput" else ""
+            rows.append([b.title, "–", "–", f"not measured {why}".strip(), "–", "–"])
+            continue
+        try:
+            d = json.loads(path.read_text())
+            found = glance_rows(b.name, d)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            found = [["(see its section)", "–", f"unreadable here: {type(e).__name__}", "–"]]
+        if kind == "full" and d.get("complete") is False:
+            kind = "full, partial"
+        rows += [[b.title, *r, kind] for r in found]
+    headers = ["benchmark", "what", "target", "measured", "verdict", "run"]
+    return "## At a glance\n\n" + md_table(headers, rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=RESULTS, help="folder with the JSON files")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown file to write")
     args = p.parse_args(argv)
     out_dir = args.out.resolve().parent
-    parts = [header(out_dir)] + [section(b, args.results, out_dir) for b in BENCHMARKS]
+    parts = [header(out_dir), glance(args.results)]
+    parts += [section(b, args.results, out_dir) for b in BENCHMARKS]
     known = {b.name for b in BENCHMARKS}
     others = [
         f for f in sorted(args.results.glob("*.json")) if f.stem.removesuffix("_quick") not in known

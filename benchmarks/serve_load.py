@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import socket
 import statistics
@@ -38,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import machine_info, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SERVERS = ("tether", "tether-nobatch", "naive")
@@ -367,31 +368,6 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def machine_info(cpus: int) -> dict[str, Any]:
-    import ray
-    import torch
-    import transformers
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "server_cpus": cpus,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_avg_1m_start": os.getloadavg()[0],
-    }
-
-
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    """Write via a .tmp sibling and rename, so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -412,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--servers: unknown {unknown}; known: {list(SERVERS)}", file=sys.stderr)
         return 2
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    info = machine_info(args.cpus)
+    info = machine_info(server_cpus=args.cpus)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         model_dir = args.model_dir or build_minilm_model_dir(

@@ -1,6 +1,6 @@
 """Training throughput: tether's loop (λ=0 and coupled λ>0) vs Hugging Face's Trainer, on CPU.
 
-    .venv/bin/python benchmarks/throughput_vs_hf.py              # 8k SST-2 sentences, 1 epoch, 3 rounds
+    .venv/bin/python benchmarks/throughput_vs_hf.py              # 4k SST-2 sentences, 1 epoch, 3 rounds
     .venv/bin/python benchmarks/throughput_vs_hf.py --quick      # smoke run: 256 sentences, 8 steps
     .venv/bin/python benchmarks/throughput_vs_hf.py --help       # --train-samples --epochs --repeats ...
 
@@ -33,12 +33,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import math
 import os
-import platform
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -53,9 +50,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from _common import RESULTS, apply_quick, exit_on_sigterm, machine_info, quiet_libraries, write_json  # noqa: E402
 from tether.config import JobSpec, validate_job  # noqa: E402
 from tether.data import PreparedData, split_rows  # noqa: E402
 from tether.launch import prepare_run_data, run_training  # noqa: E402
@@ -67,7 +64,6 @@ ARMS = ("tether-lambda0", "tether-coupled", "hf-defaults", "hf-best")
 TETHER_ARMS, HF_ARMS = ARMS[:2], ARMS[2:]
 TARGETS = {"hf-defaults": 1.3, "hf-best": 1.0}  # minimum tether / Trainer samples/s
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 SST2 = REPO.parent / "shared" / "data" / "sst2"
 # a whole epoch, not max_steps: Trainer's length grouping puts its longest batches first, so a
 # run cut short would time long batches for hf-best and a random mix for tether
@@ -79,7 +75,7 @@ QUICK = {"train_samples": 256, "epochs": 1, "max_steps": None, "repeats": 1, "de
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train-samples", type=int, default=8000, help="SST-2 training sentences")
+    p.add_argument("--train-samples", type=int, default=4000, help="SST-2 training sentences")
     p.add_argument("--epochs", type=int, default=1, help="epochs per run")
     p.add_argument("--max-steps", type=int, default=None, help="stop each run after N steps")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median over them)")
@@ -109,14 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, help=f"JSON results (default {RESULTS.name}/throughput_vs_hf.json)"
     )
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
+    p.add_argument("--replot", action="store_true", help="redraw the PNG from --out's JSON, only")
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    if args.out is None:  # a smoke run must not overwrite the real numbers
-        args.out = RESULTS / (
-            "throughput_vs_hf_quick.json" if args.quick else "throughput_vs_hf.json"
-        )
+    apply_quick(args, QUICK, "throughput_vs_hf")
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown or not args.arms:
@@ -479,56 +470,48 @@ def print_table(arms: dict[str, Any], vs: dict[str, Any], repeats: int) -> None:
 # --------------------------------------------------------------------------- output
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    import accelerate
-    import ray
-    import transformers
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Median samples/s per arm (bars span min–max over rounds), dev accuracy on each bar."""
+    import matplotlib
 
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_available": len(affinity) if affinity is not None else None,
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "ray": ray.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_avg_1m_start": os.getloadavg()[0],
-    }
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    """Write via a .tmp sibling and rename, so a killed run never leaves half a file."""
+    arms = result["arms"]
+    names = list(arms)
+    medians = [arms[a]["samples_per_s_median"] for a in names]
+    spans = [
+        [m - arms[a]["samples_per_s_min"] for a, m in zip(names, medians, strict=True)],
+        [arms[a]["samples_per_s_max"] - m for a, m in zip(names, medians, strict=True)],
+    ]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    colors = ["tab:blue" if a in TETHER_ARMS else "tab:gray" for a in names]
+    bars = ax.bar(names, medians, yerr=spans, capsize=4, color=colors)
+    for bar, arm in zip(bars, names, strict=True):
+        acc = 100 * arms[arm]["dev_accuracy_median"]
+        ax.annotate(
+            f"{bar.get_height():.0f}/s\ndev {acc:.1f}%",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 4),
+            textcoords="offset points",
+        )
+    s = result["settings"]
+    ax.set_ylabel("training samples/s (median over rounds)")
+    ax.set_ylim(0, max(medians) * 1.3)
+    ax.set_title(
+        f"MiniLM on {result['data']['num_train']} SST-2 sentences, batch {s['batch_size']}, "
+        f"{s['threads']} CPU threads",
+        fontsize=10,
+    )
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    return str(x)
-
-
-def quiet_libraries(verbose: bool) -> None:
-    """Ray's local mode logs every report at INFO (a 30-key dict per run): keep the table readable."""
-    if verbose:
-        return
-    from transformers.utils import logging as hf_logging
-
-    for name in ("ray", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    hf_logging.set_verbosity_warning()
-    hf_logging.disable_progress_bar()
-
-
-def exit_on_sigterm() -> None:
-    """`timeout` and job schedulers send SIGTERM: exit through the finally blocks, so the
-    workdir (gigabytes of checkpoints) is removed and the JSON so far is kept."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------- main
@@ -536,13 +519,16 @@ def exit_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        print(f"wrote {plot(json.loads(args.out.read_text()), args.out.with_suffix('.png'))}")
+        return 0
     exit_on_sigterm()
     quiet_libraries(args.verbose)
     # DataLoader's pin_memory=True (Trainer's default) is a no-op without an accelerator
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")
     torch.set_num_threads(args.threads)  # fixed: the thread count moves step time most
     started = time.time()
-    info = machine_info(args.threads)
+    info = machine_info(torch_threads=args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tether-throughput-"))
     workdir.mkdir(parents=True, exist_ok=True)
     # tether's local mode leaves each run's checkpoint in a temp dir: keep them all in ours
@@ -578,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.time() - started,
     }
     write_json(args.out, result)
-    print(f"\nwall {result['wall_s']:.0f} s; wrote {args.out}")
+    png = plot(result, args.out.with_suffix(".png"))
+    print(f"\nwall {result['wall_s']:.0f} s; wrote {args.out} and {png}")
     return 0  # verdicts are printed and recorded; a noisy machine should not fail a build
 
 
