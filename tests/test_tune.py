@@ -241,6 +241,25 @@ def test_asha_sweep_finishes_stops_a_trial_and_picks_the_best(asha_sweep):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_finished_losing_trials_give_their_checkpoints_back(asha_sweep):
+    """keep_checkpoints=best (the default): the arms' bests keep their checkpoint folders;
+    every other finished trial's are deleted, its row says so, and the bytes are counted."""
+    summary, rows = asha_sweep[0].summary, asha_sweep[0].rows
+    sweep_dir = Path(summary["sweep_dir"])
+    kept = {summary[k]["trial_id"] for k in ("best", "best_anchored", "baseline_best")}
+    assert 0 < len(kept) < len(rows)
+    for r in rows:
+        trial_dir = sweep_dir / "trials" / r["trial_id"]
+        folders = [f for f in trial_dir.glob("checkpoint_*") if f.is_dir()]
+        if r["trial_id"] in kept:
+            assert folders and Path(r["checkpoint"]).is_dir()
+        else:
+            assert folders == [] and r["checkpoint"] is None
+    assert summary["checkpoint_bytes_freed"] > 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_baseline_arm_is_run_and_reported_separately(asha_sweep):
     """The λ = 0 trials run over the same lr values and get their own best and difference."""
     summary, rows = asha_sweep[0].summary, asha_sweep[0].rows

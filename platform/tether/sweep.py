@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,6 +440,10 @@ def report_sweep(sweep: Sweep, plan: SearchPlan | None = None) -> SweepOutcome:
     best = sweep_report.pick_best(rows, t.mode)
     best_anchored = sweep_report.pick_best([r for r in rows if r["arm"] == "anchored"], t.mode)
     baseline_best = sweep_report.pick_best([r for r in rows if r["arm"] == "baseline"], t.mode)
+    pruned = 0
+    if t.keep_checkpoints == "best":
+        keep = {r["trial_id"] for r in (best, best_anchored, baseline_best) if r}
+        pruned = prune_checkpoints(sweep.dir, rows, keep)
     csv_path = sweep.dir / "trials.csv"
     sweep_report.write_csv(rows, keys, csv_path)
     plots = sweep_report.write_plots(rows, curves, t.metric, sweep.dir / "plots")
@@ -460,14 +465,39 @@ def report_sweep(sweep: Sweep, plan: SearchPlan | None = None) -> SweepOutcome:
         "anchored_minus_baseline": sweep_report.difference(best_anchored, baseline_best),
         "csv": str(csv_path),
         "plots": [str(p) for p in plots],
+        "checkpoint_bytes_freed": pruned,
     }
     write_json(sweep.dir / "summary.json", summary)
     print(sweep_report.format_table(rows, keys, t.metric, best), flush=True)
     for line in sweep_report.verdict(summary):
         announce(line)
+    if pruned:
+        announce(
+            f"removed the checkpoints of finished trials other than the bests ({pruned / 2**30:.2f}"
+            " GiB; tune.keep_checkpoints=all keeps them)"
+        )
     if summary["status_counts"]["unfinished"]:
         announce(f"unfinished trials: continue with `tether tune ... --resume {sweep.name}`")
     return SweepOutcome(summary, rows, curves)
+
+
+def prune_checkpoints(sweep_dir: Path, rows: list[dict[str, Any]], keep: set[str]) -> int:
+    """Delete the checkpoint folders of finished trials not in ``keep``; bytes freed.
+
+    Unfinished and failed trials keep theirs: `--resume` continues them from it. Finished
+    trials are never retrained, so their checkpoints only cost disk once the sweep has ranked
+    them.
+    """
+    freed = 0
+    for r in rows:
+        if r["trial_id"] in keep or r["status"] not in ("completed", "stopped"):
+            continue
+        for folder in (sweep_dir / "trials" / r["trial_id"]).glob("checkpoint_*"):
+            if folder.is_dir():
+                freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                shutil.rmtree(folder, ignore_errors=True)
+        r["checkpoint"] = None
+    return freed
 
 
 def collect_trials(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, list]]:
@@ -498,7 +528,7 @@ def collect_trials(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, list]]
                 "step": last.get("step"),
                 "status": trial_status(trial.status, last),
                 "model_dir": finished.get("model_dir"),
-                "checkpoint": finished.get("checkpoint") or last.get("checkpoint_path"),
+                "checkpoint": existing(finished.get("checkpoint") or last.get("checkpoint_path")),
                 "train_attempts": attempts.read_text().count(" train ")
                 if attempts.is_file()
                 else 0,
@@ -510,3 +540,8 @@ def collect_trials(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, list]]
                 zip(frame["epoch"].tolist(), frame[t.metric].tolist(), strict=True)
             )
     return rows, curves
+
+
+def existing(path: str | None) -> str | None:
+    """``path`` if it is still on disk (a pruned checkpoint is not)."""
+    return path if path and Path(path).exists() else None
