@@ -479,11 +479,17 @@ def _all_reduce_sum(t: torch.Tensor, world: int, device: torch.device) -> torch.
 
 def _quiet_libraries() -> None:
     """Keep library INFO lines and HF progress bars from burying our progress lines."""
+    import importlib.util
     import logging
 
     from transformers.utils import logging as hf_logging
 
     logging.getLogger("ray.train.torch").setLevel(logging.WARNING)  # "Moving model to device"
+    # Train V2 logs every report ("Reporting training result ...", the whole metrics dict) at
+    # INFO on a logger named by its file path, outside the "ray" hierarchy
+    context = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if context is not None and context.origin:
+        logging.getLogger(context.origin).setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
 
 
