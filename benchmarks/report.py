@@ -4,11 +4,14 @@
     .venv/bin/python benchmarks/report.py --out PATH      # somewhere else
 
 Reads <name>.json for each known benchmark (anchor_overhead, throughput_vs_hf,
-anchoring_quality, serve_load, hpo_efficiency); where only <name>_quick.json exists it shows
-that smoke run, marked as such; where neither exists the section says "not yet measured" and
-gives the command. Files are read defensively: each file's top-level keys are printed, a
-renderer that meets an unexpected layout falls back to a generic one (scalars and tables of
-scalar fields), and PNG plots in the results folder are linked. Measures nothing itself.
+anchoring_quality, serve_load, hpo_efficiency, gpu_throughput); where only <name>_quick.json
+exists it shows that smoke run, marked as such; where neither exists the section says "not yet
+measured" and gives the command. The page opens with an "At a glance" table (every target, the
+measured number, the verdict, full or smoke run), then benchmarks/findings.md verbatim if it
+exists: the reading of the numbers, written by people. Files are read defensively: each file's
+top-level keys are printed, a renderer that meets an unexpected layout falls back to a generic
+one (scalars and tables of scalar fields), and PNG plots in the results folder are linked.
+Measures nothing itself.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_OUT = REPO / "docs" / "benchmarks.md"
+FINDINGS = REPO / "benchmarks" / "findings.md"
 PY = ".venv/bin/python"
 
 
@@ -558,7 +562,10 @@ def glance_rows(name: str, d: dict[str, Any]) -> list[list[str]]:
             f"{k} {r['requests_per_s']:.1f} req/s (p99 {fmt(r['p99_ms'])} ms)"
             for k, r in at_top.items()
         )
-        return [[f"requests/s at {top} clients", "batching beats naive", cells, "–"]]
+        fastest = max(at_top, key=lambda k: at_top[k]["requests_per_s"])
+        return [
+            [f"requests/s at {top} clients", "batching beats naive", cells, f"{fastest} fastest"]
+        ]
     return []
 
 
@@ -595,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out_dir = args.out.resolve().parent
     parts = [header(out_dir), glance(args.results)]
+    if FINDINGS.is_file():  # the reading of the numbers: written by people, kept verbatim
+        parts.append(FINDINGS.read_text().strip() + "\n")
     parts += [section(b, args.results, out_dir) for b in BENCHMARKS]
     known = {b.name for b in BENCHMARKS}
     others = [

@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in vars(args).items()
         if k not in ("client", "naive_server", "port")
     }
+    # Serve's own switches (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1) change what is measured
+    settings["ray_serve_env"] = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
     write_json(
         args.out,
         {"machine": info, "settings": settings, "wall_s": time.time() - started, "results": rows},
