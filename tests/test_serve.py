@@ -586,3 +586,66 @@ def test_length_sorted_chunks_cover_every_text_within_the_token_budget():
         padded = len(chunk) * max(lengths[i] for i in chunk)
         assert padded <= 64 or len(chunk) == 1
     assert [lengths[i] for i in chunks[0]] == [2, 2, 3, 5, 7]  # shortest first, together
+
+
+# --------------------------------------------------------------------------- throughput mode
+
+
+def _direct_ingress_ports(low: int = 30000, high: int = 31000) -> list[int]:
+    """Loopback ports in Ray's direct-ingress range where a tether replica answers /healthz."""
+    found = []
+    for port in range(low, high + 1):
+        with socket.socket() as s:
+            s.settimeout(0.05)
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                continue
+        try:
+            reply = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        except httpx.HTTPError:
+            continue
+        if reply.status_code == 200 and reply.json().get("status") == "ok":
+            found.append(port)
+    return found
+
+
+@pytest.mark.slow
+def test_throughput_optimized_serve_runs_its_cluster_in_that_mode(model_a, tmp_path):
+    """`tether serve --throughput-optimized --address local` starts its own cluster in Ray
+    Serve's high-throughput mode: answers equal plain transformers through the usual port, and
+    the replica also serves HTTP itself (direct ingress), on loopback only."""
+    import os
+    import signal
+    import subprocess
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TETHER_API_KEY")}
+    argv = [sys.executable, "-m", "tether.cli", "serve", "--model-dir", str(model_a)]
+    argv += ["--port", str(port), "--address", "local", "--throughput-optimized"]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        response = httpx.post(f"{url}/v1/predict", json={"texts": TEXTS}, timeout=60)
+        assert response.status_code == 200, response.text
+        expected = offline_predictions(model_a, TEXTS)
+        for served, reference in zip(response.json()["predictions"], expected, strict=True):
+            probs = [served["probabilities"]["negative"], served["probabilities"]["positive"]]
+            assert probs == pytest.approx(reference["probs"], abs=1e-5)
+        assert _direct_ingress_ports(), "no replica serves HTTP directly: the mode is off"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
