@@ -429,13 +429,9 @@ def section(b: Benchmark, results: Path, out_dir: Path) -> str:
         "",
     ]
     lines += [render_or_fallback(b, data), ""]
-    # the quick run's plots go with the quick run only, and the real run's with the real one
-    pngs = [
-        p
-        for p in sorted(results.glob(f"{path.stem}*.png"))
-        if p.stem.endswith("_quick") == path.stem.endswith("_quick")
-    ]
-    lines += plot_links(pngs, out_dir)
+    # the plot written with this very JSON: variants (<name>_quick, <name>_high_lr) have theirs
+    png = path.with_suffix(".png")
+    lines += plot_links([png] if png.is_file() else [], out_dir)
     return "\n".join(lines)
 
 
@@ -454,13 +450,15 @@ def plot_links(pngs: list[Path], out_dir: Path) -> list[str]:
     return [f"![{p.stem}]({os.path.relpath(p, out_dir)})\n" for p in pngs]
 
 
-def extra_section(path: Path, data: dict[str, Any]) -> str:
+def extra_section(path: Path, data: dict[str, Any], out_dir: Path) -> str:
     """A result file no section claims: rendered like the benchmark its name starts with."""
     owner = next((b for b in BENCHMARKS if path.stem.startswith(b.name + "_")), None)
     body = render_or_fallback(owner, data) if owner else render_generic(data)
     command = data.get("command")
     command_line = f"Command: `{command}`. " if command else ""
-    return f"## {path.stem}\n\n{command_line}{machine_line(data)}.\n\n{body}\n"
+    png = path.with_suffix(".png")
+    plots = "\n" + "".join(plot_links([png], out_dir)) if png.is_file() else ""
+    return f"## {path.stem}\n\n{command_line}{machine_line(data)}.\n\n{body}\n{plots}"
 
 
 def header(out_dir: Path) -> str:
@@ -612,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in others:  # variants (serve_load_quick_1cpu) and new benchmarks still show up
         data = load(f)
         if data is not None:
-            parts.append(extra_section(f, data))
+            parts.append(extra_section(f, data, out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(parts).rstrip() + "\n")
     print(f"wrote {args.out}")
