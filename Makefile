@@ -35,9 +35,9 @@ format: $(STAMP)
 	$(BIN)/ruff format platform tests benchmarks
 	$(BIN)/ruff check --fix platform tests benchmarks
 
-# make bench: every benchmark at its defaults, then docs/benchmarks.md. Budget: <= 3 h on 2
+# make bench: every benchmark at its defaults, then docs/benchmarks.md: about 1.5 h on 2
 # idle cores (caps below; measured here: anchor_overhead 4 min, serve_load ~6 min,
-# throughput_vs_hf ~20 min, anchoring_quality ~1.5 h with its full-data run); a loaded machine
+# throughput_vs_hf 17 min, anchoring_quality 56 min with its full-data run); a loaded machine
 # hits the caps and keeps partial results. gpu_throughput runs only where CUDA is (~3 min) and
 # says so otherwise. hpo_efficiency takes hours on its own: make bench-hpo.
 # make bench-quick: smoke runs.
