@@ -46,17 +46,28 @@ def machine_info(**settings: Any) -> dict[str, Any]:
         "cpus_available": len(affinity) if affinity is not None else None,
         **settings,
     }
-    for name in VERSIONED:  # from package metadata: importing would add to a measured RSS
+    return (
+        info
+        | library_versions()
+        | {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "load_avg_1m_start": os.getloadavg()[0],
+        }
+    )
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of VERSIONED, read from package metadata: importing torch would
+    cost seconds and add to a measured RSS."""
+    versions = {}
+    for name in VERSIONED:
         try:
-            info[name] = metadata.version(name)
+            versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return info | {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "load_avg_1m_start": os.getloadavg()[0],
-    }
+    return versions
 
 
 def write_json(path: Path, result: dict[str, Any]) -> None:

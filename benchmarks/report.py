@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import sys
@@ -25,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from _common import library_versions
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -391,6 +394,7 @@ BENCHMARKS = (
 )
 
 
+@functools.cache  # the glance table and the sections read the same files
 def load(path: Path) -> dict[str, Any] | None:
     """The JSON at ``path``, or None (missing, unreadable or not an object: said on stdout)."""
     if not path.is_file():
@@ -463,12 +467,7 @@ def extra_section(path: Path, data: dict[str, Any], out_dir: Path) -> str:
 
 def header(out_dir: Path) -> str:
     """Where and when this page was generated, and with which library versions."""
-    versions = {}
-    for module in ("torch", "transformers", "ray", "accelerate"):
-        try:
-            versions[module] = __import__(module).__version__
-        except ImportError:
-            versions[module] = "not installed"
+    versions = library_versions()
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join(
         [
@@ -581,12 +580,12 @@ def glance(results: Path) -> str:
             why = "(needs a CUDA device; none was available)" if b.name == "gpu_throughput" else ""
             rows.append([b.title, "–", "–", f"not measured {why}".strip(), "–", "–"])
             continue
+        d = load(path)  # cached: the section reads the same file
         try:
-            d = json.loads(path.read_text())
-            found = glance_rows(b.name, d)
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            found = [["(see its section)", "–", f"unreadable here: {type(e).__name__}", "–"]]
-        if kind == "full" and d.get("complete") is False:
+            found = glance_rows(b.name, d) if d is not None else [["–", "–", "unreadable", "–"]]
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            found = [["(see its section)", "–", f"unexpected layout: {type(e).__name__}", "–"]]
+        if kind == "full" and d is not None and d.get("complete") is False:
             kind = "full, partial"
         rows += [[b.title, *r, kind] for r in found]
     headers = ["benchmark", "what", "target", "measured", "verdict", "run"]

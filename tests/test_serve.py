@@ -30,6 +30,8 @@ from tether.serving.deploy import (
     model_user_config,
 )
 
+from .conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "s3cret-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -116,12 +118,6 @@ class Server:
         deployment = {**app["deployments"][0], "user_config": user_config}
         self.apps[app_name] = {**app, "deployments": [deployment]}
         deploy({"http_options": self.http, "applications": list(self.apps.values())})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

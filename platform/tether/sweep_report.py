@@ -113,46 +113,16 @@ def format_table(rows: list[dict], keys: list[str], metric: str, best: dict | No
 def write_csv(rows: list[dict], keys: list[str], path: Path) -> Path:
     """trials.csv: one row per trial, searched keys and last eval metrics as columns."""
     metric_keys = sorted({k for r in rows for k in r["metrics"] if k.startswith("eval/")})
-    fields = [
-        "trial",
-        "trial_id",
-        "arm",
-        *keys,
-        "metric",
-        *metric_keys,
-        "epochs",
-        "step",
-        "status",
-        "train_attempts",
-        "model_dir",
-        "checkpoint",
-    ]
+    fields = ["trial", "trial_id", "arm", *keys, "metric", *metric_keys]
+    fields += ["epochs", "step", "status", "train_attempts", "model_dir", "checkpoint"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        # a row's nested config/metrics dicts are not columns: their values are spread in
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow(
-                {
-                    **{
-                        k: r[k]
-                        for k in (
-                            "trial",
-                            "trial_id",
-                            "arm",
-                            "metric",
-                            "epochs",
-                            "step",
-                            "status",
-                            "train_attempts",
-                            "model_dir",
-                            "checkpoint",
-                        )
-                    },
-                    **{k: r["config"].get(k) for k in keys},
-                    **{k: r["metrics"].get(k) for k in metric_keys},
-                }
-            )
+            config = {k: r["config"].get(k) for k in keys}
+            writer.writerow({**r, **config, **{k: r["metrics"].get(k) for k in metric_keys}})
     return path
 
 
