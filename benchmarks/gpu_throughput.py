@@ -40,13 +40,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from _common import apply_quick, machine_info, write_json  # noqa: E402
+from anchor_overhead import make_runner  # noqa: E402
 from tether.anchor import (  # noqa: E402
     add_anchor_grad_,
-    anchored_parameters,
-    build_anchor,
     pull_toward_anchor_,
 )
-from tether.loop import param_groups  # noqa: E402
 from tether.models import load_base_model, resolve_model_source  # noqa: E402
 
 MODES = ("lambda0", "coupled", "decoupled")
@@ -124,12 +122,8 @@ def measure(
     """Build model, anchor and optimizer on the device; time ``args.steps`` steps."""
     model, new_names = build_model(name, args.seed)
     model.to(device).train()
-    anchored = anchored_parameters(model, new_names)
-    lam = 0.0 if mode == "lambda0" else args.lam
-    anchor = build_anchor(anchored, lam, "decoupled" if mode == "decoupled" else "coupled")
-    groups = param_groups(model, {n for n, _ in anchored}, args.lr, 0.01, 1.0, lam == 0)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # anchor and fused AdamW exactly as the loop builds them (the step benchmark's runner)
+    r = make_runner(mode, model, new_names, args.lam, args.lr)
     batches = random_batches(
         model.config.vocab_size, args.batch_size, args.seq_len, 4, device, args.seed
     )
@@ -139,11 +133,11 @@ def measure(
         with autocast:
             loss = model(**batch).loss
         loss.backward()
-        add_anchor_grad_(anchor)  # coupled only
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        pull_toward_anchor_(anchor, args.lr)  # decoupled only
-        optimizer.zero_grad(set_to_none=True)
+        add_anchor_grad_(r.anchor)  # coupled only
+        torch.nn.utils.clip_grad_norm_(r.trainable, 1.0)
+        r.optimizer.step()
+        pull_toward_anchor_(r.anchor, args.lr)  # decoupled only
+        r.optimizer.zero_grad(set_to_none=True)
 
     for k in range(args.warmup):
         step(batches[k % len(batches)])
@@ -162,7 +156,7 @@ def measure(
         "precision": precision,
         "mode": mode,
         "params": sum(p.numel() for p in model.parameters()),
-        "anchor_bytes": anchor.num_bytes if anchor is not None else 0,
+        "anchor_bytes": r.anchor.num_bytes if r.anchor is not None else 0,
         "step_ms_median": 1e3 * median,
         "samples_per_s": args.batch_size / median,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
