@@ -241,6 +241,14 @@ def test_asha_sweep_finishes_stops_a_trial_and_picks_the_best(asha_sweep):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_ctrl_c_belongs_to_the_caller_again_after_a_sweep(asha_sweep):
+    """Tune swaps in its own SIGINT handler for a run; once run_sweep returns, Ctrl-C raises
+    KeyboardInterrupt again (what `tether demo` relies on to stop serving)."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_finished_losing_trials_give_their_checkpoints_back(asha_sweep):
     """keep_checkpoints=best (the default): the arms' bests keep their checkpoint folders;
     every other finished trial's are deleted, its row says so, and the bytes are counted."""
