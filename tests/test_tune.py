@@ -209,10 +209,21 @@ def asha_sweep(ray_cluster, tiny_model_dir, easy_csv, tmp_path_factory):
     spec = validate_job(sweep_job(tiny_model_dir, easy_csv, root / "runs", tune))
     completions = Completions()
     started = time.perf_counter()
-    outcome = run_sweep(
-        open_sweep(spec), tune_callbacks=[completions], trial_hooks=RecordingHooks(root / "hooks")
-    )
-    return outcome, completions, root, time.perf_counter() - started
+    previous = signal.signal(signal.SIGINT, callers_ctrl_c)  # as `tether demo` has its own
+    try:
+        outcome = run_sweep(
+            open_sweep(spec),
+            tune_callbacks=[completions],
+            trial_hooks=RecordingHooks(root / "hooks"),
+        )
+        yield outcome, completions, root, time.perf_counter() - started
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def callers_ctrl_c(signum, frame):
+    """The SIGINT handler the sweep's caller had: it must be back once run_sweep returns."""
+    raise KeyboardInterrupt
 
 
 @pytest.mark.ray
@@ -242,9 +253,9 @@ def test_asha_sweep_finishes_stops_a_trial_and_picks_the_best(asha_sweep):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ctrl_c_belongs_to_the_caller_again_after_a_sweep(asha_sweep):
-    """Tune swaps in its own SIGINT handler for a run; once run_sweep returns, Ctrl-C raises
-    KeyboardInterrupt again (what `tether demo` relies on to stop serving)."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    """Tune swaps in its own SIGINT handler for a run; once run_sweep returns, the caller's
+    handler is back (what `tether demo` relies on to stop serving on Ctrl-C)."""
+    assert signal.getsignal(signal.SIGINT) is callers_ctrl_c
 
 
 @pytest.mark.ray

@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +168,8 @@ def run_training(
         verbose=verbose,
     )
     try:
-        result = trainer.fit()
+        with caller_signal_handlers():
+            result = trainer.fit()
     except BaseException:
         close_run(recorder, {"metrics": {}}, status="FAILED")
         raise
@@ -211,3 +215,23 @@ def summarize(
         "label_names": data.label_names,
         "tracking_errors": int(metrics.get("tracking_errors", 0) or 0),
     }
+
+
+@contextlib.contextmanager
+def caller_signal_handlers():
+    """Give the caller back its signal handlers after a Ray Train fit or a Tune run.
+
+    Both install their own SIGINT handler in the driver for the run (Tune also SIGUSR1) and
+    leave it there after a normal finish. A later Ctrl-C, e.g. in `tether demo` serving the
+    winner, then only printed Tune's "Stop signal received" warning.
+    """
+    if threading.current_thread() is not threading.main_thread():  # Ray installs none there
+        yield
+        return
+    signals = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    saved = {s: signal.getsignal(s) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

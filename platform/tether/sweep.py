@@ -19,13 +19,10 @@ A sweep lives in ``storage.path/<sweep name>/``: ``sweep.json`` (the resolved jo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,7 +290,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from tether.launch import ensure_ray
+    from tether.launch import caller_signal_handlers, ensure_ray
 
     spec, t = sweep.spec, sweep.spec.tune
     ensure_ray(spec.scaling.address, log_to_driver=verbose)
@@ -344,26 +341,6 @@ def run_sweep(
     with caller_signal_handlers():
         tuner.fit()
     return report_sweep(sweep, plan)
-
-
-@contextlib.contextmanager
-def caller_signal_handlers():
-    """Give the caller back its signal handlers after Tune's run.
-
-    Tune replaces the SIGINT (and SIGUSR1) handler for the length of a run and restores it only
-    when the run is interrupted. After a normal finish, a later Ctrl-C, e.g. in `tether demo`
-    serving the winner, only printed Tune's "Stop signal received" warning.
-    """
-    if threading.current_thread() is not threading.main_thread():  # Tune installs none there
-        yield
-        return
-    signals = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
-    saved = {s: signal.getsignal(s) for s in signals}
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
 
 
 def default_concurrency(spec: JobSpec, cluster: dict[str, float]) -> int:
