@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/anchor_overhead.py --quick    # smoke run: 8×32 tokens, 5 steps
 
 Three copies of the packaged all-MiniLM-L6-v2 (same weights, same head init), each with its own
-AdamW built from ``tether.loop.param_groups``, run the loop's step on the same batches:
+AdamW built from ``tether.train.setup.param_groups``, run the loop's step on the same batches:
 
     forward + backward → add_anchor_grad_ → clip → optimizer.step → pull_toward_anchor_ → zero_grad
 
@@ -42,9 +42,9 @@ from tether.anchor import (
     build_anchor,
     pull_toward_anchor_,
 )
-from tether.loop import param_groups
-from tether.models import load_base_model, load_tokenizer, resolve_model_source
+from tether.models import label_kwargs, load_pretrained, load_tokenizer, resolve_model_source
 from tether.synthetic import sentiment_examples
+from tether.train.setup import param_groups
 
 MODEL = "packaged:all-MiniLM-L6-v2"
 MODES = ("lambda0", "coupled", "decoupled")
@@ -101,20 +101,22 @@ def load_model(seed: int) -> tuple[torch.nn.Module, set[str]]:
 
     hf_logging.disable_progress_bar()  # the weight-loading bar would bury the table in logs
     torch.manual_seed(seed)
-    loaded = load_base_model(resolve_model_source(MODEL), AutoModelForSequenceClassification, 2)
+    loaded = load_pretrained(
+        resolve_model_source(MODEL), AutoModelForSequenceClassification, **label_kwargs(["n", "p"])
+    )
     return loaded.model, loaded.new_param_names
 
 
 def make_runner(
     mode: str, model: torch.nn.Module, new_names: set[str], lam: float, lr: float
 ) -> Runner:
-    """Anchor and AdamW exactly as tether.loop builds them (defaults of the job spec)."""
+    """Anchor and AdamW exactly as tether.train.setup builds them (the spec's defaults)."""
     anchored = anchored_parameters(model, new_names)
     lam_mode = 0.0 if mode == "lambda0" else lam
     anchor = build_anchor(anchored, lam_mode, "decoupled" if mode == "decoupled" else "coupled")
-    # like the loop: anchored weights decay toward zero only when there is no anchor, so the
-    # λ=0 step does a little more optimizer work; that is part of what switching λ on changes
-    groups = param_groups(model, {n for n, _ in anchored}, lr, 0.01, 1.0, lam_mode == 0)
+    # like the loop: pretrained weights never decay toward zero by default, at any λ, so the
+    # arms differ only in the anchor's own work
+    groups = param_groups(model, {n for n, _ in anchored}, lr, 0.01, 1.0, decay_anchored=False)
     optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)  # as the loop builds it
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Runner(mode, model, optimizer, anchor, trainable)
@@ -154,7 +156,7 @@ def make_batches(
 
 
 def train_step(r: Runner, batch: dict[str, torch.Tensor], max_grad_norm: float = 1.0) -> float:
-    """One optimizer step, ordered as in tether.loop; returns the anchor ops' seconds."""
+    """One optimizer step, ordered as in tether.train.loop; returns the anchor ops' seconds."""
     r.model.train()
     fine_loss = r.model(**batch).loss
     fine_loss.backward()

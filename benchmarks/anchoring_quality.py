@@ -59,8 +59,8 @@ import torch  # noqa: E402
 
 from _common import apply_quick, exit_on_sigterm, machine_info, quiet_libraries, write_json  # noqa: E402
 from tether.config import validate_job  # noqa: E402
-from tether.data import PreparedData, load_rows  # noqa: E402
-from tether.launch import prepare_run_data, run_training  # noqa: E402
+from tether.data import load_rows  # noqa: E402
+from tether.run import prepare_run_data, run_training  # noqa: E402
 from tether.serving.model import load_served_model  # noqa: E402
 from tether.synthetic import sentiment_examples  # noqa: E402
 
@@ -254,9 +254,7 @@ class Trial:
     checkpoint: str | None
 
 
-def run_trial(
-    base: dict, data: PreparedData, arm: str, lam: float, lr: float, epochs: int
-) -> Trial:
+def run_trial(base: dict, prepared: tuple, arm: str, lam: float, lr: float, epochs: int) -> Trial:
     """Train once with tether's loop; validation metrics come from the carved split."""
     mode = "decoupled" if arm == "decoupled" else "coupled"
     size = base["data"]["max_train_samples"] or "all"
@@ -268,7 +266,7 @@ def run_trial(
         "storage": base["storage"] | {"run_name": run_name},  # a reused name would resume
     }
     t0 = time.perf_counter()
-    summary = run_training(validate_job(raw), data=data).summary
+    summary = run_training(validate_job(raw), prepared=prepared).summary
     m = summary["metrics"]
     return Trial(
         arm=arm,
@@ -296,7 +294,7 @@ def select(trials: list[Trial]) -> Trial:
 def score_on_dev(model_dir: str, dev: DevSet) -> float:
     """Accuracy of an exported tether model directory on the dev set (served-model code)."""
     served = load_served_model(Path(model_dir))
-    predictions = served.classify(dev.texts)
+    predictions = served.classify(dev.texts)  # the task's own predictor, as served
     hits = sum(p.label_id == y for p, y in zip(predictions, dev.labels, strict=True))
     return hits / len(dev.labels)
 
@@ -318,14 +316,15 @@ def run_cell(
 ) -> dict[str, Any]:
     """Tune every arm on the carved validation split, then score each winner on dev."""
     spec = validate_job(base | {"train": base["train"] | {"epochs": 1}})
-    data = prepare_run_data(spec)  # tokenized once for all trials of this (n, seed)
+    prepared = prepare_run_data(spec)  # tokenized once for all trials of this (n, seed)
+    data = prepared[1]
     epochs = epochs_for(len(data.train), args)
     print(f"  {len(data.train)} train / {len(data.validation)} validation, {epochs} epoch(s)")
     out = {}
     for arm in arms:
         trials = []
         for lam, lr in grids[arm]:
-            t = run_trial(base, data, arm, lam, lr, epochs)
+            t = run_trial(base, prepared, arm, lam, lr, epochs)
             print(
                 f"    {arm:<9} λ={lam:<7g} lr={lr:.2g}: val acc {t.val_accuracy:.3f}, "
                 f"loss {t.val_loss:.3f} ({t.wall_s:.0f} s)",
@@ -483,7 +482,8 @@ def run_full_data(
     """The chosen arm(s) once on all training sentences with the best low-data setting."""
     base = job(args, train, workdir, None, args.seeds[0])
     base["data"]["validation_fraction"] = 0.01  # nothing is selected here: a small carve
-    data = prepare_run_data(validate_job(base | {"train": base["train"] | {"epochs": 1}}))
+    prepared = prepare_run_data(validate_job(base | {"train": base["train"] | {"epochs": 1}}))
+    data = prepared[1]
     arms = [best_arm(cells, args.arms) if a == "best" else a for a in args.full_data_arms]
     out = {}
     for arm in dict.fromkeys(arms):
@@ -491,7 +491,7 @@ def run_full_data(
         print(
             f"full data: {arm} λ={lam:g} lr={lr:.2g}, {len(data.train)} sentences ...", flush=True
         )
-        t = run_trial(base, data, arm, lam, lr, args.full_data_epochs)
+        t = run_trial(base, prepared, arm, lam, lr, args.full_data_epochs)
         accuracy = score_on_dev(t.model_dir, dev)
         discard([t])
         print(f"  dev acc {accuracy:.4f} ({t.wall_s / 60:.0f} min)")

@@ -10,7 +10,7 @@ machine without an accelerator skip it cleanly (docs/benchmarks.md then says "no
 
 One process, one device (1 worker). For each model × precision × mode it builds the model on
 the device, tether's anchor (``tether.anchor``) and the loop's fused AdamW param groups
-(``tether.loop.param_groups``), and times optimizer steps in the loop's order:
+(``tether.train.setup.param_groups``), and times optimizer steps in the loop's order:
 
     autocast forward → backward → add_anchor_grad_ → clip → step → pull_toward_anchor_ → zero
 
@@ -45,7 +45,7 @@ from tether.anchor import (  # noqa: E402
     add_anchor_grad_,
     pull_toward_anchor_,
 )
-from tether.models import load_base_model, resolve_model_source  # noqa: E402
+from tether.models import label_kwargs, load_pretrained, resolve_model_source  # noqa: E402
 
 MODES = ("lambda0", "coupled", "decoupled")
 PRECISIONS = ("fp32", "bf16")
@@ -90,7 +90,9 @@ def build_model(name: str, seed: int) -> tuple[torch.nn.Module, set[str]]:
     torch.manual_seed(seed)
     if name == "minilm":
         source = resolve_model_source("packaged:all-MiniLM-L6-v2")
-        loaded = load_base_model(source, AutoModelForSequenceClassification, 2)
+        loaded = load_pretrained(
+            source, AutoModelForSequenceClassification, **label_kwargs(["n", "p"])
+        )
         return loaded.model, loaded.new_param_names
     # BERT-base dimensions (BertConfig's defaults); every parameter counts as pretrained here,
     # except the head, as it would be for a real bert-base-uncased checkpoint

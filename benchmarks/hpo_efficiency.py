@@ -242,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tether-hpo-"))
     import ray
 
-    from tether.launch import prepare_run_data
+    from tether.run import prepare_run_data
 
     # a cluster of our own ("local"): never attach to one someone else started on this machine
     ray.init(address="local", num_cpus=args.cpus, dashboard_host="127.0.0.1", log_to_driver=False)
     job = base_job(size, workdir, args.batch_size)
-    data = prepare_run_data(validate_job(job))  # tokenized once for both sweeps
+    prepared = prepare_run_data(validate_job(job))  # tokenized once for both sweeps
+    data = prepared[1]
     result: dict[str, Any] = {
         "machine": machine_info(ray_cpus=args.cpus),
         "settings": {

@@ -269,7 +269,7 @@ def naive_server(args: argparse.Namespace) -> None:
     from fastapi import FastAPI
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    from tether.serving.model import quantize_linear_int8
+    from tether.tasks.predict import quantize_linear_int8
 
     torch.set_num_threads(args.cpus)
     model = AutoModelForSequenceClassification.from_pretrained(args.model_dir, use_safetensors=True)

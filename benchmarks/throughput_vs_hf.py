@@ -8,7 +8,7 @@ Four arms, one process, the packaged all-MiniLM-L6-v2 with the same fresh 2-labe
 seed), the same SST-2 training subset (tether's own sampler picks it, and the Trainer arms get
 exactly those rows), batch 32, AdamW at the same lr, warm-up, weight decay and clipping:
 
-    tether-lambda0    tether.launch.run_training, scaling.num_workers=0 (the loop in-process)
+    tether-lambda0    tether.run.run_training, scaling.num_workers=0 (the loop in-process)
     tether-coupled    the same with the coupled anchor, grad += 2λ(θ − θ*)
     hf-defaults       transformers.Trainer as commonly set up: padding="max_length", 128 tokens
     hf-best           Trainer with dynamic padding (DataCollatorWithPadding) and
@@ -54,9 +54,9 @@ import torch  # noqa: E402
 
 from _common import RESULTS, apply_quick, exit_on_sigterm, machine_info, quiet_libraries, write_json  # noqa: E402
 from tether.config import JobSpec, validate_job  # noqa: E402
-from tether.data import PreparedData, split_rows  # noqa: E402
-from tether.launch import prepare_run_data, run_training  # noqa: E402
-from tether.models import load_base_model, load_tokenizer, resolve_model_source  # noqa: E402
+from tether.data import split_rows  # noqa: E402
+from tether.models import label_kwargs, load_pretrained, load_tokenizer, resolve_model_source  # noqa: E402
+from tether.run import prepare_run_data, run_training  # noqa: E402
 
 MODEL = "packaged:all-MiniLM-L6-v2"
 LABEL_NAMES = ["negative", "positive"]
@@ -203,7 +203,7 @@ class RunResult:
 
 
 def run_tether(
-    arm: str, k: int, job: dict[str, Any], lam: float, data: PreparedData, keep: bool
+    arm: str, k: int, job: dict[str, Any], lam: float, prepared: tuple, keep: bool
 ) -> RunResult:
     """One run of tether's loop through run_training; the dev set is its validation split."""
     job = job | {
@@ -212,13 +212,13 @@ def run_tether(
     job["storage"] = job["storage"] | {"run_name": f"{arm}-round{k}"}  # a reused name resumes
     spec = validate_job(job)
     t0 = time.perf_counter()
-    summary = run_training(spec, data=data).summary
+    summary = run_training(spec, prepared=prepared).summary
     wall_s = time.perf_counter() - t0
     if not keep:  # the run folder and local mode's temp checkpoint: ~350 MB a run
         for path in (summary["run_dir"], summary["checkpoint"]):
             shutil.rmtree(path or "", ignore_errors=True)
     m = summary["metrics"]
-    samples = samples_seen(len(data.train), spec.train.batch_size, int(summary["step"]))
+    samples = samples_seen(len(prepared[1].train), spec.train.batch_size, int(summary["step"]))
     return RunResult(
         arm=arm,
         round=k,
@@ -281,7 +281,9 @@ def run_trainer(arm: str, k: int, args: argparse.Namespace, ds: dict, workdir: P
     t0 = time.perf_counter()
     source = resolve_model_source(MODEL)
     torch.manual_seed(args.seed)  # the same head init as tether's loop
-    model = load_base_model(source, AutoModelForSequenceClassification, 2, LABEL_NAMES).model
+    model = load_pretrained(
+        source, AutoModelForSequenceClassification, **label_kwargs(LABEL_NAMES)
+    ).model
     tokenizer = load_tokenizer(source)
     training_args = TrainingArguments(
         output_dir=str(workdir / f"{arm}-round{k}"),
@@ -339,7 +341,9 @@ def warm_up(threads: int, batch_size: int, steps: int = 3) -> None:
 
     torch.set_num_threads(threads)
     source = resolve_model_source(MODEL)
-    model = load_base_model(source, AutoModelForSequenceClassification, 2).model.train()
+    model = load_pretrained(
+        source, AutoModelForSequenceClassification, **label_kwargs(LABEL_NAMES)
+    ).model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     input_ids = torch.randint(1000, 2000, (batch_size, 48))
     for _ in range(steps):
@@ -362,7 +366,8 @@ def run_rounds(
     Returns the runs and the number of training examples.
     """
     spec: JobSpec = validate_job(job)
-    data = prepare_run_data(spec)  # tokenized once, outside every timing (tether caches it)
+    prepared = prepare_run_data(spec)  # tokenized once, outside every timing (tether caches it)
+    data = prepared[1]
     train_rows, dev_rows = split_rows(spec.data)  # exactly the rows tether trains and scores on
     assert len(train_rows) == len(data.train) and len(dev_rows) == len(data.validation)
     rows = {"train": train_rows, "dev": dev_rows}
@@ -380,7 +385,7 @@ def run_rounds(
         for arm in rotated(args.arms, k):
             print(f"round {k + 1}/{args.repeats}: {arm} ...", flush=True)
             if arm in TETHER_ARMS:
-                r = run_tether(arm, k, job, args.lam, data, args.keep_runs)
+                r = run_tether(arm, k, job, args.lam, prepared, args.keep_runs)
             else:
                 r = run_trainer(arm, k, args, hf_ds[arm], workdir)
             r.load_avg_1m = os.getloadavg()[0]

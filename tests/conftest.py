@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import os
-import random
-import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,16 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# converted models are keyed by content: share the user's cache (a GGUF conversion takes ~30 s)
+os.environ.setdefault("TETHER_MODEL_CACHE", str(Path.home() / ".cache" / "tether" / "models"))
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now (for servers a test starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .helpers import easy_rows, make_tiny_job, write_csv  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -76,75 +66,17 @@ def tiny_model_dir(tmp_path_factory, packaged_model_dir) -> Path:
     return out
 
 
-POSITIVE = ["good", "great", "fine", "lovely", "superb", "happy", "nice", "excellent"]
-NEGATIVE = ["bad", "awful", "poor", "terrible", "sad", "boring", "ugly", "dreadful"]
-FILLER = ["the", "movie", "was", "plot", "really", "and", "a", "story", "it", "very"]
-
-
-def easy_rows(n: int, seed: int) -> list[dict]:
-    """A learnable toy task: the label is which word list the sentence draws from."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = i % 2
-        words = rng.sample(FILLER, 4) + rng.sample(POSITIVE if label else NEGATIVE, 2)
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
-
-
 @pytest.fixture(scope="session")
 def easy_csv(tmp_path_factory) -> dict[str, Path]:
     """Train (400) and validation (101, odd so shards differ) CSV files of the toy task."""
     out = tmp_path_factory.mktemp("easy-data")
-    paths = {}
-    for split, n, seed in (("train", 400, 1), ("validation", 101, 2)):
-        path = out / f"{split}.csv"
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["text", "label"])
-            writer.writeheader()
-            writer.writerows(easy_rows(n, seed))
-        paths[split] = path
-    return paths
-
-
-def make_tiny_job(
-    model_dir: Path, easy_csv: dict[str, Path], storage_path: Path, **updates
-) -> dict:
-    """A fast job on the tiny model and toy data; ``updates`` are merged per section."""
-    from tether.config import deep_merge
-
-    job = {
-        "name": "tiny",
-        "model": {"name": str(model_dir), "label_names": ["negative", "positive"]},
-        "data": {
-            "train": str(easy_csv["train"]),
-            "validation": str(easy_csv["validation"]),
-            "max_length": 32,
-        },
-        "objective": {"lambda": 0.01},
-        "optim": {"lr": 3e-3, "warmup_ratio": 0.0},
-        "train": {"epochs": 4, "batch_size": 16, "eval_interval": 5, "seed": 7},
-        "scaling": {"num_workers": 2, "max_failures": 0},
-        "storage": {"path": str(storage_path)},
+    return {
+        split: write_csv(out / f"{split}.csv", easy_rows(n, seed))
+        for split, n, seed in (("train", 400, 1), ("validation", 101, 2))
     }
-    return deep_merge(job, updates)
 
 
 @pytest.fixture
 def tiny_job(tiny_model_dir, easy_csv, tmp_path):
     """The fast tiny job as a dict, storing under tmp_path/runs."""
     return make_tiny_job(tiny_model_dir, easy_csv, tmp_path / "runs")
-
-
-def shared_data(*parts: str) -> Path:
-    """A file under ../shared/data, or skip the test with the reason."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} not present (shared datasets are optional)")
-    return path
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

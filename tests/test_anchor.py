@@ -17,8 +17,8 @@ from tether.anchor import (
     pull_toward_anchor_,
     weights_hash,
 )
-from tether.loop import param_groups
-from tether.models import freeze_parameters, load_base_model
+from tether.models import freeze_parameters, label_kwargs, load_pretrained
+from tether.train.setup import param_groups
 
 
 def small_net(seed: int = 0) -> torch.nn.Module:
@@ -145,7 +145,9 @@ def test_head_and_frozen_parameters_are_not_anchored(tiny_model_dir):
     """L2-SP scope: the new classifier head and frozen layers carry no anchor."""
     from transformers import AutoModelForSequenceClassification
 
-    loaded = load_base_model(str(tiny_model_dir), AutoModelForSequenceClassification, 2)
+    loaded = load_pretrained(
+        str(tiny_model_dir), AutoModelForSequenceClassification, **label_kwargs(["a", "b"])
+    )
     assert loaded.new_param_names == {"classifier.weight", "classifier.bias"}
     frozen = freeze_parameters(loaded.model, freeze_embeddings=True, freeze_layers=1)
     assert any("embeddings" in n for n in frozen) and any(".layer.0." in n for n in frozen)
@@ -158,7 +160,7 @@ def test_head_and_frozen_parameters_are_not_anchored(tiny_model_dir):
 
 
 def test_param_groups_keep_weight_decay_off_anchored_parameters():
-    """With λ > 0, anchored weights get no decay toward 0; the new head keeps its decay and lr scale."""
+    """Pretrained weights get no decay toward 0 (at every λ); the head keeps decay and lr scale."""
     model = small_net()
     anchored = {"0.weight", "0.bias"}
     groups = param_groups(model, anchored, 1e-3, 0.1, 10.0, decay_anchored=False)
@@ -173,11 +175,13 @@ def test_param_groups_keep_weight_decay_off_anchored_parameters():
 
 @pytest.mark.parametrize("mode", ["coupled", "decoupled"])
 def test_half_precision_anchor_halves_memory_and_still_pulls(mode):
-    """A bf16 θ* takes half the bytes of fp32 and the update still points toward θ*."""
+    """A bf16 θ* takes half the bytes of fp32 and the update still points toward θ*.
+
+    (Decoupled mode also keeps fp32 rounding residuals: the compensated pull needs them.)"""
     model = small_net()
     fp32 = build_anchor(model.named_parameters(), 0.5, mode, "float32")
     bf16 = build_anchor(model.named_parameters(), 0.5, mode, "bfloat16")
-    assert bf16.num_bytes * 2 == fp32.num_bytes
+    assert bf16.theta_star_bytes * 2 == fp32.theta_star_bytes
     perturb_(model, 1.0)
     before = anchor_loss(fp32)
     for p in model.parameters():
@@ -209,3 +213,61 @@ def test_drift_groups_by_layer_and_hash_tracks_weights():
     with torch.no_grad():
         model[0].bias[0] += 1e-3
     assert weights_hash(model.named_parameters()) != h0
+
+
+def test_decoupled_pull_survives_fp32_rounding_at_small_weights():
+    """At w = lr·λ = 3e-9 the realised pull follows (1 − w)^N to within one rounding step.
+
+    A plain lerp applies almost none of it (the pull is far below θ's rounding step); the
+    compensated pull keeps what rounding held back and applies it later.
+    """
+    torch.manual_seed(0)
+    theta = torch.nn.Parameter(torch.randn(50_000) * 0.05)
+    anchor = build_anchor([("w", theta)], lam=1e-4, mode="decoupled")
+    with torch.no_grad():
+        theta.add_(torch.randn_like(theta) * 1e-3)
+    plain = theta.detach().clone()
+    target = anchor.targets[0]
+    d0 = theta.detach().double() - target.double()
+    lr, steps = 3e-5, 3000
+    w = lr * anchor.lam
+    for _ in range(steps):
+        pull_toward_anchor_(anchor, lr)
+        plain.lerp_(target, w)  # what the pull did before: lost to rounding
+    expected = d0 * (1 - w) ** steps
+    realised = theta.detach().double() - target.double()
+    ulp = torch.finfo(torch.float32).eps * theta.detach().abs().double().clamp(min=1e-3)
+    assert ((realised - expected).abs() <= ulp).all()
+    wanted = float((d0 - expected).abs().sum())
+    assert float((d0 - (plain.double() - target.double())).abs().sum()) < 0.1 * wanted
+    # what is still held back is the pull of at most one rounding step per coordinate
+    pending = anchor.residuals[0].double()
+    torch.testing.assert_close(realised - pending, expected, rtol=0, atol=1e-11)
+
+
+def test_decoupled_pull_matches_the_formula_over_many_steps():
+    """Summed over steps, the realised plus pending pull equals Σ w·(θ − θ*) exactly."""
+    torch.manual_seed(1)
+    model = small_net()
+    anchor = build_anchor(model.named_parameters(), lam=2.0, mode="decoupled")
+    perturb_(model, 0.5)
+    before = [p.detach().double() - t.double() for p, t in zip(model.parameters(), anchor.targets)]
+    for _ in range(10):
+        pull_toward_anchor_(anchor, 1e-3)
+    for p, t, d0, r in zip(model.parameters(), anchor.targets, before, anchor.residuals):
+        torch.testing.assert_close(
+            p.detach().double() - t.double() - r.double(), d0 * (1 - 2e-3) ** 10
+        )
+
+
+def test_half_precision_anchor_starts_theta_exactly_at_the_stored_theta_star():
+    """With a bf16 θ*, θ is rounded too, so the drift (and the anchor's pull) is 0 at step 0."""
+    model = small_net()
+    perturb_(model, 0.37)  # values that bf16 cannot hold exactly
+    anchor = build_anchor(model.named_parameters(), 1.0, "coupled", "bfloat16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert drift_report(anchor)["drift_l2"] == 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    add_anchor_grad_(anchor)
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters())

@@ -12,7 +12,7 @@ import yaml
 
 from tether.submit import entrypoint, follow, submit
 
-from .conftest import free_port
+from .helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

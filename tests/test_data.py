@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from tether.config import validate_job
-from tether.data import DataError, epoch_batches, prepare_data
+from tether.data import DataError, epoch_batches, eval_batches
 from tether.models import load_tokenizer
 
-from .conftest import easy_rows, shared_data
+from .helpers import easy_rows, prepare, row_ids, shared_data, write_rows
 
 
 @pytest.fixture(scope="module")
 def tokenizer(packaged_model_dir):
     return load_tokenizer(str(packaged_model_dir))
-
-
-def write_rows(path, rows):
-    """Write rows in the format the suffix names."""
-    import pandas as pd
-
-    df = pd.DataFrame(rows)
-    if path.suffix == ".csv":
-        df.to_csv(path, index=False)
-    elif path.suffix == ".tsv":
-        df.to_csv(path, index=False, sep="\t")
-    elif path.suffix == ".jsonl":
-        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    elif path.suffix == ".json":
-        path.write_text(json.dumps(rows))
-    else:
-        df.to_parquet(path)
-    return path
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
@@ -43,18 +23,11 @@ def test_every_file_format_loads_to_the_same_examples(tmp_path, tokenizer, suffi
     rows = easy_rows(30, seed=3)
     path = write_rows(tmp_path / f"train{suffix}", rows)
     spec = validate_job({"data": {"train": str(path), "validation_fraction": 0.2}})
-    data = prepare_data(spec.data, tokenizer, "t", ["negative", "positive"], use_cache=False)
+    _, data = prepare(spec, tokenizer, ["negative", "positive"])
     assert len(data.train) + len(data.validation) == 30
     assert len(data.validation) == 6
     reference = tokenizer(rows[0]["text"])["input_ids"]
-    all_ids = [
-        data.train.ids[s:e].tolist() for s, e in zip(data.train.offsets, data.train.offsets[1:])
-    ]
-    all_ids += [
-        data.validation.ids[s:e].tolist()
-        for s, e in zip(data.validation.offsets, data.validation.offsets[1:])
-    ]
-    assert reference in all_ids
+    assert reference in row_ids(data.train) + row_ids(data.validation)
 
 
 def test_string_labels_map_to_ids_and_bad_labels_are_named(tmp_path, tokenizer):
@@ -62,12 +35,12 @@ def test_string_labels_map_to_ids_and_bad_labels_are_named(tmp_path, tokenizer):
     rows = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}] * 5
     path = write_rows(tmp_path / "s.jsonl", rows)
     spec = validate_job({"data": {"train": str(path), "validation_fraction": 0.2}})
-    data = prepare_data(spec.data, tokenizer, "t", ["neg", "pos"], use_cache=False)
-    assert set(data.train.labels.tolist()) == {0, 1}
+    _, data = prepare(spec, tokenizer, ["neg", "pos"])
+    assert set(data.train.fields["labels"].tolist()) == {0, 1}
     bad = write_rows(tmp_path / "b.jsonl", rows + [{"text": "meh", "label": "neutral"}])
     spec = validate_job({"data": {"train": str(bad), "validation_fraction": 0.2}})
-    with pytest.raises(DataError, match="'neutral'"):
-        prepare_data(spec.data, tokenizer, "t", ["neg", "pos"], use_cache=False)
+    with pytest.raises(DataError, match=r"'neutral'.*b.jsonl line 11|b.jsonl line 11.*'neutral'"):
+        prepare(spec, tokenizer, ["neg", "pos"])
 
 
 def test_collate_pads_each_batch_to_its_longest_example(tmp_path, tokenizer):
@@ -77,7 +50,7 @@ def test_collate_pads_each_batch_to_its_longest_example(tmp_path, tokenizer):
     spec = validate_job(
         {"data": {"train": str(path), "validation_fraction": 0.25, "max_length": 16}}
     )
-    data = prepare_data(spec.data, tokenizer, "t", None, use_cache=False)
+    _, data = prepare(spec, tokenizer)
     lengths = data.train.lengths
     assert lengths.max() == 16, "long texts are truncated to max_length"
     short = np.argsort(lengths)[:2]
@@ -116,14 +89,14 @@ def test_encoded_data_is_cached_by_fingerprint(tmp_path, tokenizer, monkeypatch)
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
     path = write_rows(tmp_path / "c.csv", easy_rows(20, 0))
     spec = validate_job({"data": {"train": str(path), "validation_fraction": 0.25}})
-    first = prepare_data(spec.data, tokenizer, "t", None)
+    _, first = prepare(spec, tokenizer, use_cache=True)
     files = list((tmp_path / "cache" / "encoded").glob("*.npz"))
     assert len(files) == 1
-    second = prepare_data(spec.data, tokenizer, "t", None)
+    _, second = prepare(spec, tokenizer, use_cache=True)
     assert second.fingerprint == first.fingerprint
-    assert np.array_equal(second.train.ids, first.train.ids)
+    assert row_ids(second.train) == row_ids(first.train)
     spec.data.max_length = 8
-    prepare_data(spec.data, tokenizer, "t", None)
+    prepare(spec, tokenizer, use_cache=True)
     assert len(list((tmp_path / "cache" / "encoded").glob("*.npz"))) == 2
 
 
@@ -135,8 +108,8 @@ def test_max_train_samples_subsamples_reproducibly(tmp_path, tokenizer):
         spec = validate_job(
             {"data": {"train": str(path), "max_train_samples": 50, "sample_seed": seed}}
         )
-        d = prepare_data(spec.data, tokenizer, "t", None, use_cache=False)
-        return len(d.train) + len(d.validation), d.train.ids.tolist()
+        _, d = prepare(spec, tokenizer)
+        return len(d.train) + len(d.validation), row_ids(d.train)
 
     n, a = sample(1)
     assert n == 50
@@ -157,7 +130,99 @@ def test_sst2_tsv_files_load_with_renamed_dev_column(tokenizer):
             }
         }
     )
-    data = prepare_data(spec.data, tokenizer, "t", ["negative", "positive"], use_cache=False)
+    _, data = prepare(spec, tokenizer, ["negative", "positive"])
     assert len(data.train) == 300
     assert len(data.validation) == 872
-    assert set(data.validation.labels.tolist()) == {0, 1}
+    assert set(data.validation.fields["labels"].tolist()) == {0, 1}
+
+
+def test_equal_eval_batch_counts_on_every_rank_cover_each_example_once():
+    """Eval shards are disjoint and complete; short ranks repeat a batch marked not counted."""
+    lengths = np.arange(1, 12)  # 11 examples on 3 ranks: 4, 4, 3
+    per_rank = [eval_batches(lengths, 2, r, 3) for r in range(3)]
+    assert len({len(b) for b in per_rank}) == 1
+    counted = np.concatenate([i for batches in per_rank for i, c in batches if c])
+    assert sorted(counted.tolist()) == list(range(11))
+    assert [c for _, c in per_rank[2]] == [True, True]
+    tiny = [eval_batches(np.array([5]), 4, r, 2) for r in range(2)]
+    assert [len(b) for b in tiny] == [1, 1] and tiny[1][0][1] is False
+
+
+# --------------------------------------------------------------------------- data edge cases
+
+
+def test_csv_with_a_byte_order_mark_loads(tmp_path, tokenizer):
+    """Excel's UTF-8 CSV starts with a BOM: the first column is still 'text', not '\ufefftext'."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufefftext,label\ngood film,1\nbad film,0\nfine,1\ndull,0\n".encode())
+    spec = validate_job({"data": {"train": str(path), "validation_fraction": 0.25}})
+    _, data = prepare(spec, tokenizer, ["negative", "positive"])
+    assert len(data.train) + len(data.validation) == 4
+
+
+def test_na_words_are_text_and_empty_cells_are_named(tmp_path, tokenizer):
+    """'NA', 'null' and 'None' are words, not missing values; an empty cell names its line."""
+    path = tmp_path / "na.csv"
+    path.write_text("text,label\nNA,1\nnull,0\nNone,1\nfine,0\n")
+    spec = validate_job({"data": {"train": str(path), "validation_fraction": 0.25}})
+    _, data = prepare(spec, tokenizer, ["negative", "positive"])
+    decoded = {
+        tokenizer.decode(ids, skip_special_tokens=True)
+        for ids in row_ids(data.train) + row_ids(data.validation)
+    }
+    assert {"na", "null", "none"} <= decoded  # the uncased tokenizer lower-cases them
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\ngood,1\n,0\nbad,0\nok,1\n")
+    spec = validate_job({"data": {"train": str(empty), "validation_fraction": 0.25}})
+    with pytest.raises(DataError, match=r"empty.csv line 3 column 'text'"):
+        prepare(spec, tokenizer, ["negative", "positive"])
+
+
+def test_integer_labels_from_one_make_no_phantom_class(tmp_path, tokenizer):
+    """Labels 1..3 without names become classes '1','2','3' (not '0'..'3')."""
+    rows = [{"text": f"text {i}", "label": 1 + i % 3} for i in range(12)]
+    path = write_rows(tmp_path / "k.csv", rows)
+    spec = validate_job({"data": {"train": str(path), "validation_fraction": 0.25}})
+    _, data = prepare(spec, tokenizer)
+    assert data.label_names == ["1", "2", "3"]
+    assert set(data.train.fields["labels"].tolist()) <= {0, 1, 2}
+
+
+def test_header_only_validation_file_is_named(tmp_path, tokenizer, easy_csv):
+    """A validation file with a header and no rows fails with a DataError naming it."""
+    empty = tmp_path / "dev.csv"
+    empty.write_text("text,label\n")
+    spec = validate_job({"data": {"train": str(easy_csv["train"]), "validation": str(empty)}})
+    with pytest.raises(DataError, match="data.validation: no rows"):
+        prepare(spec, tokenizer, ["negative", "positive"])
+
+
+def test_cache_key_follows_tokenizer_settings_and_file_content(
+    tmp_path, packaged_model_dir, monkeypatch
+):
+    """Same vocabulary, other normaliser or truncation side: a cache miss; edited rows too."""
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
+    path = write_rows(tmp_path / "c.csv", easy_rows(20, 0))
+    spec = validate_job({"data": {"train": str(path), "validation_fraction": 0.25}})
+    plain = load_tokenizer(str(packaged_model_dir))
+    _, a = prepare(spec, plain, use_cache=True)
+    left = load_tokenizer(str(packaged_model_dir))
+    left.truncation_side = "left"
+    _, b = prepare(spec, left, use_cache=True)
+    cased = load_tokenizer(str(packaged_model_dir))
+    from tokenizers import normalizers
+
+    cased.backend_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False)
+    _, c = prepare(spec, cased, use_cache=True)
+    assert len({a.fingerprint, b.fingerprint, c.fingerprint}) == 3
+    stat = path.stat()
+    rows = easy_rows(20, 0)
+    rows[0]["text"] = "something else entirely"
+    write_rows(path, rows)
+    import os
+
+    os.utime(
+        path, ns=(stat.st_atime_ns, stat.st_mtime_ns)
+    )  # same size and time would fool a stat key
+    _, d = prepare(spec, plain, use_cache=True)
+    assert d.fingerprint != a.fingerprint

@@ -9,7 +9,7 @@ import pytest
 
 from tether.cli import main
 
-from .conftest import free_port
+from .helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from tether.config import validate_job
-from tether.launch import run_training
+from tether.run import run_training
 
-from .conftest import make_tiny_job
+from .helpers import make_tiny_job
 
 pytestmark = [pytest.mark.slow]
 
@@ -160,7 +160,7 @@ def test_tracking_outage_degrades_but_training_finishes(tiny_model_dir, easy_csv
     )
     outcome = run_training(
         spec,
-        extra_loop_config={
+        inputs_override={
             "tracking": {"uri": f"sqlite:///{tmp_path}/missing/dir/x.db", "run_id": "0" * 32}
         },
     )

@@ -16,15 +16,15 @@ import yaml
 
 from tether.config import SpecError, deep_merge, validate_job
 from tether.sweep import TrialExtras, default_concurrency, open_sweep, run_sweep
-from tether.sweep_search import (
-    ARM,
+from tether.sweep.search import (
     FixedConfigs,
     WithControlArm,
     baseline_configs,
     validate_sweep,
 )
+from tether.sweep.trial import ARM
 
-from .conftest import make_tiny_job
+from .helpers import make_tiny_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,13 +42,16 @@ def sweep_job(model_dir, easy_csv, storage: Path, tune: dict, **sections) -> dic
     return deep_merge(job, sections)
 
 
-def last_results(sweep_dir: Path) -> dict[str, dict]:
-    """Each trial's last result as Tune recorded it (result.json), read independently."""
+def all_results(sweep_dir: Path) -> dict[str, list[dict]]:
+    """Each trial's results as Tune recorded them (result.json), read independently."""
     out = {}
     for path in (sweep_dir / "tune").glob("*/result.json"):
-        lines = path.read_text().strip().splitlines()
-        out[path.parent.name] = json.loads(lines[-1])
+        out[path.parent.name] = [json.loads(line) for line in path.read_text().strip().splitlines()]
     return out
+
+
+def last_results(sweep_dir: Path) -> dict[str, dict]:
+    return {t: results[-1] for t, results in all_results(sweep_dir).items()}
 
 
 # --------------------------------------------------------------------------- validation
@@ -176,7 +179,7 @@ class RecordingHooks:
 
     def start(self, info, spec, data):
         Path(self.folder, f"{info.trial_id}.start").write_text(json.dumps(info.config))
-        return TrialExtras(loop_config={"_hook_seen": True})  # rides along in the loop config
+        return TrialExtras()
 
     def finish(self, info, summary, status):
         Path(self.folder, f"{info.trial_id}.finish").write_text(status)
@@ -230,7 +233,7 @@ def callers_ctrl_c(signum, frame):
 @pytest.mark.slow
 def test_asha_sweep_finishes_stops_a_trial_and_picks_the_best(asha_sweep):
     """All trials end, ASHA stops at least one early, and the best trial is the one with the
-    highest last reported accuracy, with its exported model on disk."""
+    highest accuracy at any of its evaluations, with a model holding that checkpoint."""
     outcome, _, _, _ = asha_sweep
     summary, rows = outcome.summary, outcome.rows
     assert summary["trials"] == len(rows) == 4
@@ -239,14 +242,16 @@ def test_asha_sweep_finishes_stops_a_trial_and_picks_the_best(asha_sweep):
     assert stopped and all(r["epochs"] < 2.0 for r in stopped)
     assert all(r["status"] == "stopped" for r in rows if r["config"]["optim.lr"] == 1e-5)
 
-    reported = last_results(Path(summary["sweep_dir"]))
+    results = all_results(Path(summary["sweep_dir"]))
+    reported = {t: r[-1] for t, r in results.items()}
     assert len(reported) == 4
-    best_value = max(r["eval/accuracy"] for r in reported.values())
+    best_of = {t: max(x["eval/accuracy"] for x in r) for t, r in results.items()}
     best = summary["best"]
-    assert best["metric"] == best_value == reported[best["trial_id"]]["eval/accuracy"]
-    assert best["status"] == "completed"
-    assert (Path(best["model_dir"]) / "config.json").is_file()
-    assert Path(best["checkpoint"]).is_dir()
+    assert best["metric"] == max(best_of.values()) == best_of[best["trial_id"]]
+    card = json.loads((Path(best["model_dir"]) / "tether.json").read_text())
+    assert card["step"] == best["best_step"]  # the registered weights are the ones that won
+    assert card["metrics"]["eval/accuracy"] == best["metric"]
+    assert Path(best["best_checkpoint"]).is_dir()
     assert summary["trial_epochs"] == pytest.approx(sum(r["epoch"] for r in reported.values()))
 
 
@@ -290,6 +295,7 @@ def test_baseline_arm_is_run_and_reported_separately(asha_sweep):
     b, a = summary["baseline_best"], summary["best_anchored"]
     assert b["arm"] == "baseline" and b["config"]["objective.lambda"] == 0.0
     assert b["metric"] == max(r["metric"] for r in baseline)
+    assert summary["control"].startswith("the λ = 0 arm differs from anchored trials only in λ")
     assert summary["anchored_minus_baseline"] == pytest.approx(a["metric"] - b["metric"])
 
 

@@ -12,6 +12,11 @@ Pure torch, no Ray: usable from any training loop.
     add_anchor_grad_(anchor)                  # grad += 2λ(θ − θ*)   (coupled)
     optimizer.step()
     pull_toward_anchor_(anchor, lr)           # θ ← θ − lr·λ(θ − θ*)  (decoupled)
+
+The two modes scale differently: the decoupled step is lr times the gradient of
+(λ/2)‖θ − θ*‖², the coupled term the gradient of λ‖θ − θ*‖², and it then passes through
+Adam's per-coordinate scaling. A decoupled λ is therefore not a coupled λ (see the README's
+"Choosing λ").
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -38,11 +43,18 @@ class Anchor:
     targets: list[torch.Tensor]  # θ*, detached copies in the anchor dtype
     lam: float
     mode: AnchorMode
+    # decoupled mode: the part of the pull that fp32 rounding has not applied yet (see
+    # pull_toward_anchor_); empty in coupled mode
+    residuals: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def theta_star_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.targets)
 
     @property
     def num_bytes(self) -> int:
-        """Memory held by θ* (the only thing the anchor allocates)."""
-        return sum(t.numel() * t.element_size() for t in self.targets)
+        """Memory the anchor holds: θ*, plus the rounding residuals in decoupled mode."""
+        return sum(t.numel() * t.element_size() for t in [*self.targets, *self.residuals])
 
 
 def build_anchor(
@@ -55,6 +67,12 @@ def build_anchor(
 
     The caller chooses the scope: L2-SP anchors only trainable parameters that were loaded
     from the pretrained checkpoint (see ``anchored_parameters``).
+
+    With a half-precision ``anchor_dtype`` the parameters themselves are rounded to that
+    dtype first (they stay fp32 tensors): θ then starts exactly at the stored θ*, instead of
+    being pulled toward a point one rounding away (on MiniLM ‖θ − round(θ*)‖ ≈ 0.2 at step 0,
+    more than most runs drift). The price is that rounding of the pretrained weights (a
+    relative 2⁻⁹ for bf16), the same one bf16 inference pays.
     """
     if lam < 0:
         raise ValueError(f"objective.lambda must be >= 0, got {lam}")
@@ -73,7 +91,11 @@ def build_anchor(
     dtype = _DTYPES[anchor_dtype]
     with torch.no_grad():
         targets = [p.detach().to(dtype=dtype, copy=True) for p in params]
-    return Anchor(names=names, params=params, targets=targets, lam=float(lam), mode=mode)
+        if dtype != torch.float32:
+            for p, t in zip(params, targets, strict=True):
+                p.copy_(t)  # θ₀ := θ* as stored
+        residuals = [torch.zeros_like(p) for p in params] if mode == "decoupled" else []
+    return Anchor(names, params, targets, float(lam), mode, residuals)
 
 
 def anchored_parameters(
@@ -91,13 +113,16 @@ def anchored_parameters(
     ]
 
 
+def _targets_like_params(anchor: Anchor) -> list[torch.Tensor]:
+    """θ* in the parameters' dtype (a temporary only when θ* is stored in half precision)."""
+    if anchor.targets and anchor.targets[0].dtype != anchor.params[0].dtype:
+        return [t.to(anchor.params[0].dtype) for t in anchor.targets]
+    return anchor.targets
+
+
 def _drift(anchor: Anchor) -> list[torch.Tensor]:
     """θ − θ* per parameter, in the parameters' dtype (a temporary the size of θ)."""
-    if anchor.targets and anchor.targets[0].dtype != anchor.params[0].dtype:
-        targets = [t.to(anchor.params[0].dtype) for t in anchor.targets]
-    else:
-        targets = anchor.targets
-    return torch._foreach_sub([p.detach() for p in anchor.params], targets)
+    return torch._foreach_sub([p.detach() for p in anchor.params], _targets_like_params(anchor))
 
 
 @torch.no_grad()
@@ -106,8 +131,10 @@ def add_anchor_grad_(anchor: Anchor | None) -> None:
 
     Call once per optimizer step, after backward (so after DDP's all-reduce: every replica
     holds the same θ and adds the same term) and before clipping and the optimizer step.
-    Two fused in-place passes (grad += 2λθ; grad −= 2λθ*) instead of materialising θ − θ*:
-    no θ-sized temporary per step (measured: half the op's time on MiniLM, CPU).
+    With fp32 θ and θ*: two fused in-place passes (grad += 2λθ; grad −= 2λθ*) instead of
+    materialising θ − θ* (measured: half the op's time on MiniLM, CPU); their rounding error
+    is that of |2λθ| in fp32, ~1e-7 of the term. Otherwise one pass on the drift, whose
+    rounding is the drift's own.
     """
     if anchor is None or anchor.mode != "coupled":
         return
@@ -115,25 +142,36 @@ def add_anchor_grad_(anchor: Anchor | None) -> None:
         if p.grad is None:  # a parameter the batch did not touch still feels the anchor
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in anchor.params]
-    torch._foreach_add_(grads, [p.detach() for p in anchor.params], alpha=2.0 * anchor.lam)
-    torch._foreach_add_(grads, anchor.targets, alpha=-2.0 * anchor.lam)
+    all_fp32 = anchor.params[0].dtype == torch.float32 == anchor.targets[0].dtype
+    if all_fp32:
+        torch._foreach_add_(grads, [p.detach() for p in anchor.params], alpha=2.0 * anchor.lam)
+        torch._foreach_add_(grads, anchor.targets, alpha=-2.0 * anchor.lam)
+    else:
+        torch._foreach_add_(grads, _drift(anchor), alpha=2.0 * anchor.lam)
 
 
 @torch.no_grad()
 def pull_toward_anchor_(anchor: Anchor | None, lr: float) -> None:
-    """Decoupled mode: θ ← θ − lr·λ(θ − θ*), a lerp of θ toward θ* by lr·λ.
+    """Decoupled mode: θ ← θ − lr·λ(θ − θ*), without losing the pull to fp32 rounding.
 
     Call once per optimizer step, after ``optimizer.step()`` (AdamW-style decoupling: the pull
     does not pass through Adam's per-coordinate scaling).
+
+    The pull w·(θ − θ*) with w = lr·λ is often far below θ's rounding step: at w = 3e-9, a
+    drift of 1e-3 and weights of 0.05 a plain lerp applied 0.2% of it (measured). So the pull
+    is compensated (Kahan): what rounding did not apply this step is kept in ``residuals`` and
+    added to the next step's pull, and the realised pull equals the formula's.
     """
     if anchor is None or anchor.mode != "decoupled":
         return
     weight = min(lr * anchor.lam, 1.0)  # never overshoot θ*
-    if anchor.targets and anchor.targets[0].dtype == anchor.params[0].dtype:
-        torch._foreach_lerp_(anchor.params, anchor.targets, weight)
-    else:  # lerp needs equal dtypes: θ(1 − w) + w·θ*, still in place
-        torch._foreach_mul_(anchor.params, 1.0 - weight)
-        torch._foreach_add_(anchor.params, anchor.targets, alpha=weight)
+    params, residuals = anchor.params, anchor.residuals
+    scratch = torch._foreach_sub(params, _targets_like_params(anchor))  # θ − θ*
+    torch._foreach_add_(residuals, scratch, alpha=weight)  # u = carried + w(θ − θ*)
+    torch._foreach_copy_(scratch, params)  # θ before the step
+    torch._foreach_sub_(params, residuals)  # θ ← θ − u, rounded
+    torch._foreach_sub_(scratch, params)  # what was applied (exact: the values are close)
+    torch._foreach_sub_(residuals, scratch)  # carried = u − applied
 
 
 @torch.no_grad()

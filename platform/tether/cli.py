@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Protocol
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--verbose", action="store_true", help="show Ray's own worker logs as well as progress"
     )
+    train.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="resuming a run: accept a changed train.epochs, train.max_steps or "
+        "train.eval_interval (repeatable)",
+    )
     train.set_defaults(handler=cmd_train)
 
     validate = sub.add_parser("validate", help="validate a job spec and print it resolved")
@@ -55,11 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# each module defines register(subparsers) adding its command(s) with set_defaults(handler=...)
-COMMAND_MODULES: list[str] = [
+class Subcommand(Protocol):
+    """A module that adds its command(s) with ``set_defaults(handler=...)``."""
+
+    def register(self, subparsers) -> None: ...
+
+
+COMMAND_MODULES: list[str] = [  # each is a Subcommand, imported when the parser is built
     "tether.serving.cli",
-    "tether.sweep_cli",
-    "tether.registry_cli",
+    "tether.sweep.cli",
+    "tether.registry.cli",
     "tether.submit",
     "tether.demo",
 ]
@@ -79,7 +93,7 @@ def _load(args):
 def cmd_validate(args) -> int:
     import yaml
 
-    from tether.config import SpecError
+    from tether.errors import SpecError
 
     try:
         spec = _load(args)
@@ -91,28 +105,33 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from tether.config import SpecError
-    from tether.data import DataError
+    from tether.errors import DataError, ModelSourceError, RunIdentityError, SpecError
+    from tether.run import prepare_run_data, run_training
 
     try:
         spec = _load(args)
-        from tether.launch import prepare_run_data
-
-        data = prepare_run_data(spec)
-    except (SpecError, DataError) as e:
+        task, data = prepare_run_data(spec)
+    except (SpecError, DataError, ModelSourceError) as e:
         print(e, file=sys.stderr)
         print("tether: invalid job spec; nothing was started", file=sys.stderr)
         return 2
-    from tether.launch import run_training
-
     print(
-        f"tether: training {spec.model.name} on {data.lineage['num_train']} examples "
-        f"(λ={spec.objective.lam}, {spec.objective.mode}) with "
+        f"tether: training {spec.model.name} ({task.name}) on {data.lineage['num_train']} "
+        f"examples (λ={spec.objective.lam}, {spec.objective.mode}) with "
         f"{spec.scaling.num_workers or 'in-process'} worker(s)",
         flush=True,
     )
     try:
-        outcome = run_training(spec, data=data, verbose=args.verbose, register=args.register)
+        outcome = run_training(
+            spec,
+            prepared=(task, data),
+            verbose=args.verbose,
+            register=args.register,
+            allow_changes=tuple(args.allow_change),
+        )
+    except RunIdentityError as e:
+        print(f"tether: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # one line at the end; Ray has already printed the traceback
         print(f"tether: training failed: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
         return 1
@@ -120,13 +139,14 @@ def cmd_train(args) -> int:
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2))
-    m = summary["metrics"]
-    print(
-        f"tether: done: eval/accuracy {m.get('eval/accuracy', float('nan')):.4f} "
-        f"macro_f1 {m.get('eval/macro_f1', float('nan')):.4f}; model: {summary['model_dir']}"
-    )
+    metric = summary.get("primary_metric", task.primary_metric)
+    value = summary["metrics"].get(metric, float("nan"))
+    print(f"tether: done: {metric} {value:.4f}; model: {summary['model_dir']}")
     if summary.get("mlflow_run_id"):
-        print(f"tether: MLflow run {summary['mlflow_run_id']} ({summary['tracking']})")
+        print(f"tether: MLflow run {summary['mlflow_run_id']} ({summary.get('tracking')})")
+    registry = summary.get("registry") or {}
+    if registry.get("error"):
+        print(f"tether: {registry['error']}", file=sys.stderr)
     return 0
 
 

@@ -11,8 +11,6 @@ Relative paths in a spec resolve against the current working directory and are s
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -20,20 +18,24 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-PACKAGED_PREFIX = "packaged:"
-SYNTHETIC_PREFIX = "synthetic:"
-DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
-TASKS = ("sequence-classification",)
-DTYPES = ("float32", "bfloat16", "float16")
+from tether.errors import SpecError
+from tether.sources import (
+    DATA_FILE_SUFFIXES,
+    PACKAGED_MODELS,
+    PACKAGED_PREFIX,
+    REGISTRY_PREFIX,
+    SYNTHETIC_DATASETS,
+    SYNTHETIC_PREFIX,
+    is_conll,
+    is_local_path,
+    read_columns,
+)
 
+__all__ = ["JobSpec", "SpecError", "load_job", "validate_job", "parse_overrides", "deep_merge"]
 
-class SpecError(ValueError):
-    """A job spec is invalid; ``problems`` lists every 'key: message (got value)'."""
-
-    def __init__(self, problems: list[str], source: str = "job spec"):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source} is invalid ({len(problems)} problem(s)):\n{lines}")
+TaskName = Literal["sequence-classification", "token-classification", "causal-lm"]
+TASK_NAMES: tuple[str, ...] = TaskName.__args__
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # also a folder name: no '/', no leading '.'
 
 
 class _Section(BaseModel):
@@ -42,15 +44,16 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     name: str = "packaged:all-MiniLM-L6-v2"
-    """Base model: 'packaged:all-MiniLM-L6-v2', a local directory, or a hub id."""
+    """Base model: 'packaged:all-MiniLM-L6-v2', 'packaged:SmolLM2-135M-Instruct', a local
+    directory, or a hub id."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `name` is a hub id."""
-    task: Literal["sequence-classification"] = "sequence-classification"
-    """What the head predicts. Token classification, QA and causal LM plug in as new tasks."""
+    task: TaskName = "sequence-classification"
+    """What the model learns: sequence-classification, token-classification (NER), causal-lm."""
     num_labels: int | None = Field(None, ge=2)
     """Number of classes; derived from `label_names` or the data when omitted."""
     label_names: list[str] | None = None
-    """Class names in label-id order; string labels in the data map onto these."""
+    """Class (or tag) names in label-id order; string labels in the data map onto these."""
     freeze: list[str] = []
     """Regular expressions: parameters whose name matches one are frozen."""
     freeze_embeddings: bool = False
@@ -58,23 +61,36 @@ class ModelSection(_Section):
     freeze_layers: int = Field(0, ge=0)
     """Freeze the first N transformer layers."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weight dtype at load (mixed precision is `train.precision`)."""
+    """Weight dtype at load. Trained weights must be float32 (see train.precision)."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless you trust the source."""
 
 
 class DataSection(_Section):
     train: str = "synthetic:sentiment"
-    """Training data: a .csv/.tsv/.json/.jsonl/.parquet file, a hub dataset id, or synthetic:sentiment."""
+    """Training data: a .csv/.tsv/.json/.jsonl/.parquet file, a CoNLL .txt/.conll file, a hub
+    dataset id, or synthetic:sentiment|entities|chat."""
     validation: str | None = None
     """Validation file; when omitted, the hub's `validation_split` or a fraction of train."""
     hub_subset: str | None = None
     """Hub dataset configuration name (e.g. 'sst2' for 'nyu-mll/glue')."""
+    hub_revision: str | None = None
+    """Hub dataset revision (commit); part of the encoded-data cache key."""
     train_split: str = "train"
     validation_split: str = "validation"
     text_column: str = "text"
+    """sequence-classification: the text; causal-lm: plain text (continued pre-training)."""
     text_pair_column: str | None = None
     label_column: str = "label"
+    tokens_column: str = "tokens"
+    """token-classification: the words of a sentence (a list of strings)."""
+    tags_column: str = "ner_tags"
+    """token-classification: one tag per word (IOB1, IOB2/BIO or IOBES; names or ids)."""
+    messages_column: str = "messages"
+    """causal-lm: chat turns [{role, content}, ...], rendered with the model's chat template."""
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    """causal-lm: prompt + completion pairs (the loss covers the completion)."""
     rename_columns: dict[str, str] = {}
     """Renames applied to every split before use, e.g. {content: sentence}."""
     max_train_samples: int | None = Field(None, gt=0)
@@ -83,19 +99,25 @@ class DataSection(_Section):
     sample_seed: int = 0
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     """Share of the (sampled) training data held out when there is no validation source."""
-    max_length: int = Field(128, ge=8, le=8192)
-    """Tokens per example; longer texts are truncated. Batches pad to their longest example."""
+    max_length: int = Field(128, ge=8, le=32768)
+    """Tokens per example; longer examples are truncated (counted in the summary)."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding, same epoch)."""
+    packing: bool = False
+    """causal-lm: pack several short examples into rows of up to max_length tokens (less
+    padding). Attention then crosses example boundaries within a row; each example's loss
+    still covers only its own targets."""
 
 
 class ObjectiveSection(_Section):
     lam: float = Field(0.01, alias="lambda", ge=0)
     """λ in L_fine(θ) + λ‖θ − θ*‖²; 0 is plain fine-tuning."""
     mode: Literal["coupled", "decoupled"] = "coupled"
-    """coupled: grad += 2λ(θ−θ*); decoupled: θ ← θ − lr·λ(θ−θ*) after each step."""
+    """coupled: grad += 2λ(θ−θ*); decoupled: θ ← θ − lr·λ(θ−θ*) after each step (the gradient
+    of (λ/2)‖θ−θ*‖², so a decoupled λ is not a coupled λ)."""
     anchor_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Storage dtype of θ* (bf16 halves its memory)."""
+    """Storage dtype of θ*. bfloat16/float16 halve its memory and also round the starting
+    weights to that dtype, so θ starts exactly at the stored θ*."""
 
 
 class OptimSection(_Section):
@@ -104,9 +126,10 @@ class OptimSection(_Section):
     new_param_lr_scale: float = Field(1.0, gt=0)
     """Multiplier on lr for newly initialised parameters (the head): they start from scratch."""
     weight_decay: float = Field(0.01, ge=0)
-    """Decay toward zero for unanchored parameters (the head; everything when λ = 0)."""
+    """Decay toward zero for new parameters (the head)."""
     decay_anchored: bool = False
-    """Also decay anchored parameters toward zero when λ > 0 (it fights the anchor)."""
+    """Also decay pretrained (anchorable) parameters toward zero, at every λ including 0. Off:
+    it would fight the anchor, and the λ = 0 control arm must differ only in λ."""
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
@@ -127,12 +150,31 @@ class TrainSection(_Section):
     eval_interval: int | None = Field(None, ge=1)
     """Evaluate and checkpoint every N optimizer steps; default once per epoch."""
     keep_checkpoints: int = Field(2, ge=1)
-    """Keep the best N checkpoints by validation accuracy (the latest is always resumable)."""
+    """Keep the best N checkpoints by the task's primary metric (a sweep's: its tune.metric),
+    plus the latest (always resumable)."""
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "auto"
-    """auto: bf16 autocast on GPU, fp32 on CPU."""
+    """auto: bf16 autocast on GPU, fp32 on CPU. Weights stay fp32 in every mode."""
     num_threads: int | None = Field(None, ge=1)
     """torch threads per worker; default: the worker's CPUs."""
+    gradient_checkpointing: bool = False
+    """Recompute activations during backward: less memory, about a third more compute."""
+
+
+class EvalSection(_Section):
+    """What generative tasks (causal-lm) measure at each evaluation, besides the loss."""
+
+    generate_examples: int = Field(32, ge=0)
+    """Validation examples answered greedily for eval/exact_match (0: off)."""
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    """Tokens generated per answer (exact match, samples)."""
+    samples: int = Field(4, ge=0)
+    """Generated answers logged to MLflow as a table (prompt, reference, answer, step)."""
+    forgetting_probe: str = "builtin"
+    """'builtin' (tether's general prompts), 'none', or a JSONL file with a `prompt` field:
+    eval/forgetting = NLL of θ*'s own greedy answers now, minus θ*'s."""
+    probe_max_new_tokens: int = Field(48, ge=1, le=1024)
+    """Tokens of θ*'s greedy answer to each probe prompt."""
 
 
 class ScalingSection(_Section):
@@ -152,8 +194,9 @@ class ScalingSection(_Section):
 class StorageSection(_Section):
     path: str = "runs"
     """Where runs live (checkpoints, model, summary). Shared (NFS) for multi-node clusters."""
-    run_name: str | None = None
-    """Default: '<job name>-<timestamp>'. Reusing a name resumes that run."""
+    run_name: str | None = Field(None, pattern=NAME_PATTERN)
+    """Default: '<job name>-<timestamp>-<random>'. Reusing a name resumes that run, if it is
+    the same run (same spec, data and workers); a finished run is not trained again."""
 
 
 class SearchDimension(_Section):
@@ -179,22 +222,29 @@ class AshaSection(_Section):
     """Epochs at which a trial ends; default the job's length (train.epochs or max_steps)."""
 
 
+# where the anchor acts (measured: benchmarks/anchoring_quality.py and docs/benchmarks.md):
+# coupled λ multiplies a gradient, decoupled λ·lr is a per-step pull, so their scales differ
+DEFAULT_LAMBDA_RANGE = {"coupled": (1e-4, 1e-1), "decoupled": (1.0, 1e4)}
+DEFAULT_LR_RANGE = (1e-5, 3e-4)
+
+
 class TuneSection(_Section):
     """`tether tune`: which keys to search and how. The space may only touch tunables
     (objective, optim, train); the rest of this section is search infrastructure."""
 
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str | None = Field(None, pattern=NAME_PATTERN)
     """Sweep name (folder under storage.path); default '<job name>-sweep-<timestamp>'."""
-    space: dict[str, SearchDimension] = {
-        "objective.lambda": SearchDimension(low=1e-4, high=1e-1),
-        "optim.lr": SearchDimension(low=1e-5, high=3e-4),
-    }
-    """Dotted spec key → dimension, e.g. {objective.lambda: {low: 1.0e-4, high: 0.1}}."""
+    space: dict[str, SearchDimension] | None = None
+    """Dotted spec key → dimension, e.g. {objective.lambda: {low: 1.0e-4, high: 0.1}}.
+    Default: λ log-uniform over 1e-4..0.1 (coupled) or 1..1e4 (decoupled) and lr over
+    1e-5..3e-4."""
     num_samples: int | None = Field(None, ge=1)
     """Anchored trials for random/optuna search (default 8); grid runs every combination."""
-    metric: str = "eval/accuracy"
-    """Validation metric that ranks trials (the last value each trial reports)."""
-    mode: Literal["max", "min"] = "max"
+    metric: str | None = None
+    """Validation metric that ranks trials (each trial by its best evaluation); default the
+    task's primary metric (eval/accuracy, eval/entity_f1, eval/loss)."""
+    mode: Literal["max", "min"] | None = None
+    """Default: the metric's direction (min for losses)."""
     scheduler: Literal["asha", "none"] = "asha"
     asha: AshaSection = AshaSection()
     search: Literal["random", "optuna", "grid"] = "random"
@@ -218,6 +268,16 @@ class TuneSection(_Section):
     trials other than the best, best anchored and best λ = 0 trials: ~270 MB each for MiniLM.
     Their metrics, curves and exported models stay. `all` keeps every checkpoint."""
 
+    def resolved_space(self, mode: str) -> dict[str, SearchDimension]:
+        """The space to search: the given one, or the default for the objective's mode."""
+        if self.space is not None:
+            return self.space
+        low, high = DEFAULT_LAMBDA_RANGE[mode]
+        return {
+            "objective.lambda": SearchDimension(low=low, high=high),
+            "optim.lr": SearchDimension(low=DEFAULT_LR_RANGE[0], high=DEFAULT_LR_RANGE[1]),
+        }
+
 
 class TrackingSection(_Section):
     enabled: bool = True
@@ -230,7 +290,7 @@ class TrackingSection(_Section):
 
 
 class JobSpec(_Section):
-    name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field("job", pattern=NAME_PATTERN)
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     objective: ObjectiveSection = ObjectiveSection()
@@ -238,6 +298,8 @@ class JobSpec(_Section):
     train: TrainSection = TrainSection()
     scaling: ScalingSection = ScalingSection()
     storage: StorageSection = StorageSection()
+    eval: EvalSection = EvalSection()
+    """Generation and forgetting measurements (causal-lm)."""
     tune: TuneSection | None = None
     """Hyperparameter search settings; used by `tether tune` only."""
     tracking: TrackingSection = TrackingSection()
@@ -249,6 +311,18 @@ class JobSpec(_Section):
         if names is not None and n is not None and len(names) != n:
             raise ValueError(
                 f"model.label_names has {len(names)} names but model.num_labels is {n}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _trained_weights_are_fp32(self) -> JobSpec:
+        if self.model.dtype != "float32":
+            # measured: at lr 5e-5 only ~28% of an AdamW step survives bf16 rounding, and the
+            # anchor term is as small as the rounding error; autocast keeps fp32 master weights
+            raise ValueError(
+                f"model.dtype: trained weights must be float32 (got {self.model.dtype!r}): "
+                "half-precision weights lose most of each update to rounding. For bf16/fp16 "
+                "compute with fp32 weights set train.precision: bf16-mixed (or fp16-mixed)"
             )
         return self
 
@@ -338,6 +412,9 @@ def validate_job(
         raise SpecError(problems, source) from None
     spec = _absolutize_paths(spec)
     problems = check_sources(spec.model, spec.data) if check_files else []
+    probe = spec.eval.forgetting_probe
+    if check_files and probe not in ("builtin", "none") and not Path(probe).is_file():
+        problems.append(f"eval.forgetting_probe: file not found (got {probe!r})")
     if problems:
         raise SpecError(problems, source)
     return spec
@@ -366,20 +443,17 @@ def _format_error(err: dict[str, Any]) -> str:
     value = err.get("input")
     if isinstance(value, dict) and err["type"] != "model_type":
         return f"{key}: {msg}"
+    if err["type"] == "value_error" and not err["loc"]:
+        return msg.removeprefix("Value error, ")  # our own validators name their key
     return f"{key}: {msg} (got {value!r})"
 
 
-def is_local_path(ref: str) -> bool:
-    """A data/model reference that names a local file or folder rather than a hub id."""
-    return (
-        ref.startswith(("/", "./", "../", "~"))
-        or ref.lower().endswith(DATA_FILE_SUFFIXES)
-        or Path(ref).exists()
-    )
-
-
 def _absolutize(ref: str | None) -> str | None:
-    if ref is None or ref.startswith((PACKAGED_PREFIX, SYNTHETIC_PREFIX)) or not is_local_path(ref):
+    if (
+        ref is None
+        or ref.startswith((PACKAGED_PREFIX, SYNTHETIC_PREFIX, REGISTRY_PREFIX))
+        or not is_local_path(ref)
+    ):
         return ref
     return str(Path(ref).expanduser().resolve())
 
@@ -401,6 +475,8 @@ def resolve_tracking_uri(spec_uri: str | None) -> str:
 
 def _absolutize_paths(spec: JobSpec) -> JobSpec:
     spec.tracking.uri = resolve_tracking_uri(spec.tracking.uri)
+    if spec.eval.forgetting_probe not in ("builtin", "none"):
+        spec.eval.forgetting_probe = str(Path(spec.eval.forgetting_probe).expanduser().resolve())
     spec.model.name = _absolutize(spec.model.name)
     spec.data.train = _absolutize(spec.data.train)
     spec.data.validation = _absolutize(spec.data.validation)
@@ -411,59 +487,65 @@ def _absolutize_paths(spec: JobSpec) -> JobSpec:
 # --------------------------------------------------------------------------- source checks
 
 
+def task_columns(task: str, data: DataSection) -> list[dict[str, str]]:
+    """The column sets a task can read, as {spec key: column}; the data needs one of them."""
+    if task == "sequence-classification":
+        needed = {"data.text_column": data.text_column, "data.label_column": data.label_column}
+        if data.text_pair_column:
+            needed["data.text_pair_column"] = data.text_pair_column
+        return [needed]
+    if task == "token-classification":
+        return [{"data.tokens_column": data.tokens_column, "data.tags_column": data.tags_column}]
+    return [  # causal-lm: chat, prompt/completion pairs, or plain text
+        {"data.messages_column": data.messages_column},
+        {
+            "data.prompt_column": data.prompt_column,
+            "data.completion_column": data.completion_column,
+        },
+        {"data.text_column": data.text_column},
+    ]
+
+
 def check_sources(model_section: ModelSection | None, data: DataSection | None) -> list[str]:
     """Problems with the model and data references that can be seen without loading them."""
-    problems = []
-    model = model_section.name if model_section is not None else ""
-    if not model:
-        pass
-    elif model.startswith(PACKAGED_PREFIX):
-        from tether.models import PACKAGED_MODELS
-
-        if model[len(PACKAGED_PREFIX) :] not in PACKAGED_MODELS:
-            problems.append(
-                f"model.name: unknown packaged model {model!r} (known: "
-                + ", ".join(PACKAGED_PREFIX + k for k in PACKAGED_MODELS)
-                + ")"
-            )
-    elif is_local_path(model) and not Path(model).is_dir():
-        problems.append(f"model.name: no such model directory (got {model!r})")
-
+    problems = _model_problems(model_section.name if model_section is not None else "")
     if data is None:
         return problems
-    needed = [data.text_column, data.label_column] + (
-        [data.text_pair_column] if data.text_pair_column else []
-    )
+    task = model_section.task if model_section is not None else "sequence-classification"
+    alternatives = task_columns(task, data)
     for key in ("train", "validation"):
         ref = getattr(data, key)
         if ref is None:
             continue
         if ref.startswith(SYNTHETIC_PREFIX):
-            problems += _check_synthetic(key, ref, data)
+            problems += _check_synthetic(f"data.{key}", ref, task, alternatives)
         elif is_local_path(ref):
-            problems += _check_file(f"data.{key}", ref, needed, data.rename_columns)
+            problems += _check_file(f"data.{key}", ref, alternatives, data.rename_columns)
     return problems
 
 
-def _check_synthetic(key: str, ref: str, data: DataSection) -> list[str]:
-    from tether.data import SYNTHETIC_SOURCES
+def _model_problems(model: str) -> list[str]:
+    if model.startswith(PACKAGED_PREFIX) and model[len(PACKAGED_PREFIX) :] not in PACKAGED_MODELS:
+        known = ", ".join(PACKAGED_PREFIX + k for k in PACKAGED_MODELS)
+        return [f"model.name: unknown packaged model {model!r} (known: {known})"]
+    if model and not model.startswith((PACKAGED_PREFIX, REGISTRY_PREFIX)):
+        if is_local_path(model) and not Path(model).is_dir():
+            return [f"model.name: no such model directory (got {model!r})"]
+    return []
 
+
+def _check_synthetic(key: str, ref: str, task: str, alternatives) -> list[str]:
     name = ref[len(SYNTHETIC_PREFIX) :]
-    if name not in SYNTHETIC_SOURCES:
-        return [f"data.{key}: unknown synthetic dataset {ref!r} (known: synthetic:sentiment)"]
-    problems = []
-    for col_key in ("text_column", "label_column"):
-        if getattr(data, col_key) not in ("text", "label"):
-            problems.append(
-                f"data.{col_key}: synthetic data has columns text and label "
-                f"(got {getattr(data, col_key)!r})"
-            )
-    if data.text_pair_column:
-        problems.append("data.text_pair_column: synthetic data has no text pairs")
-    return problems
+    if name not in SYNTHETIC_DATASETS:
+        known = ", ".join(SYNTHETIC_PREFIX + k for k in SYNTHETIC_DATASETS)
+        return [f"{key}: unknown synthetic dataset {ref!r} (known: {known})"]
+    dataset = SYNTHETIC_DATASETS[name]
+    if dataset.task != task:
+        return [f"{key}: {ref} is {dataset.task} data, but model.task is {task!r}"]
+    return _missing_columns(key, ref, set(dataset.columns), alternatives)
 
 
-def _check_file(key: str, ref: str, needed: list[str], renames: dict[str, str]) -> list[str]:
+def _check_file(key: str, ref: str, alternatives, renames: dict[str, str]) -> list[str]:
     path = Path(ref)
     if not path.is_file():
         return [f"{key}: file not found (got {ref!r})"]
@@ -472,30 +554,19 @@ def _check_file(key: str, ref: str, needed: list[str], renames: dict[str, str]) 
     try:
         columns = {renames.get(c, c) for c in read_columns(path)}
     except Exception as e:  # unreadable file: say which and why
-        return [f"{key}: cannot read {ref!r}: {e}"]
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        return [
-            f"{key}: column(s) {missing} not in {path.name} (has {sorted(columns)}); "
-            "set data.text_column / data.label_column or data.rename_columns"
-        ]
-    return []
+        return [f"{key}: cannot read {ref!r}: {type(e).__name__}: {e}"]
+    if is_conll(path):
+        return []  # the reader builds the token-classification columns itself
+    return _missing_columns(key, path.name, columns, alternatives)
 
 
-def read_columns(path: Path) -> list[str]:
-    """Column names of a data file, reading only its head."""
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            return next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), [])
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return list(json.loads(f.readline()).keys())
-    if suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(rows, dict):  # column-oriented {"text": [...], "label": [...]}
-            return list(rows.keys())
-        return list(rows[0].keys()) if rows else []
-    import pyarrow.parquet as pq
-
-    return list(pq.read_schema(path).names)
+def _missing_columns(key: str, where: str, columns: set[str], alternatives) -> list[str]:
+    if any(set(option.values()) <= columns for option in alternatives):
+        return []
+    wanted = " or ".join(
+        "+".join(f"{col!r} ({k})" for k, col in option.items()) for option in alternatives
+    )
+    return [
+        f"{key}: {where} lacks the columns the task reads: {wanted} (has {sorted(columns)}); "
+        "set the data.*_column keys or data.rename_columns"
+    ]

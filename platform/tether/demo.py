@@ -57,8 +57,8 @@ def register(subparsers) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tether.config import SpecError, load_job
-    from tether.data import DataError
+    from tether.config import load_job
+    from tether.errors import DataError, ModelSourceError, SpecError
     from tether.sweep import open_sweep
 
     overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
@@ -68,7 +68,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             spec.tune.name = f"{spec.name}-quick-{time.strftime('%Y%m%d-%H%M%S')}"
         step("1/4", f"preparing the sweep: {spec.model.name} on {spec.data.train}")
         sweep = open_sweep(spec)
-    except (SpecError, DataError) as e:
+    except (SpecError, DataError, ModelSourceError) as e:
         print(e, file=sys.stderr)
         return 2
     return run_demo(sweep, args)
@@ -79,25 +79,28 @@ def step(n: str, text: str) -> None:
 
 
 def run_demo(sweep, args: argparse.Namespace) -> int:
-    from tether.sweep_tracking import run_tracked_sweep
-    from tether.tracking import resolve_tracking_uri
+    from tether.config import resolve_tracking_uri
+    from tether.sweep import run_tracked_sweep
 
     step("2/4", f"searching λ and lr with Ray Tune ({sweep.dir})")
     outcome = run_tracked_sweep(sweep)
     summary = outcome.summary
-    if not summary.get("best"):
-        print("tether demo: no trial finished; nothing to register or serve", file=sys.stderr)
+    best = summary.get("best") or {}
+    if not best.get("model_dir"):
+        print("tether demo: no trial left a model; nothing to register or serve", file=sys.stderr)
         return 1
     step("3/4", "registry")
     registry = summary.get("registry") or {}
-    print(f"  {registry.get('decision', 'not registered (tracking off or degraded)')}")
+    registered = bool(registry.get("version"))
+    print(
+        f"  {registry.get('decision') or registry.get('error') or 'not registered (tracking is off)'}"
+    )
     report = results_lines(summary, resolve_tracking_uri(sweep.spec.tracking.uri))
     if args.no_serve:
         _finish(report, summary, args)
         return 0
-    name = registry.get("name") or sweep.spec.tracking.registered_model or sweep.spec.name
-    model_uri = f"models:/{name}@champion" if registry else None
-    step("4/4", f"serving {model_uri or summary['best']['model_dir']} on {args.host}:{args.port}")
+    model_uri = f"models:/{registry['name']}@champion" if registered else None
+    step("4/4", f"serving {model_uri or best['model_dir']} on {args.host}:{args.port}")
     return serve_and_ask(summary, model_uri, report, args)
 
 
@@ -134,21 +137,34 @@ def format_config(config: dict) -> str:
 
 
 def serve_and_ask(summary: dict, model_uri: str | None, report: list[str], args) -> int:
+    import hashlib
+    import os
+
     import httpx
     import ray
 
-    from tether.launch import ensure_ray
+    from tether.cluster import ensure_ray
+    from tether.serving.cli import API_KEY_ENV
     from tether.serving.deploy import ServeOptions, deploy, model_user_config, serve_config
-    from tether.serving.model import resolve_model_dir
+    from tether.serving.model import card_task, resolve_model_dir
 
-    options = ServeOptions(host=args.host, port=args.port)
     model_dir = resolve_model_dir(None if model_uri else summary["best"]["model_dir"], model_uri)
+    key = os.environ.get(API_KEY_ENV)  # a user who exported it gets an app that requires it
+    options = ServeOptions(
+        task=card_task(model_dir),
+        host=args.host,
+        port=args.port,
+        api_key_sha256=hashlib.sha256(key.encode()).hexdigest() if key else None,
+    )
     config = serve_config(options, model_user_config(model_dir, model_uri))
     started_ray = not ray.is_initialized()  # the sweep shut nothing down; usually connected
     ensure_ray()
     deploy(config)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        response = httpx.post(f"{options.url}/v1/predict", json={"texts": SAMPLE_TEXTS}, timeout=60)
+        response = httpx.post(
+            f"{options.url}/v1/predict", json={"texts": SAMPLE_TEXTS}, headers=headers, timeout=60
+        )
         response.raise_for_status()
         answers = response.json()
         print("  sample requests:")

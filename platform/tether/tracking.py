@@ -2,7 +2,8 @@
 
 Who writes what:
 - the driver opens the run (params, tags, the resolved spec, dataset inputs), and after the fit
-  logs the model and closes the run;
+  closes it (final metrics, the model-card tags; the model itself is logged by
+  ``tether.registry.log_model``, which this module does not import);
 - rank 0 of the Train workers logs the metric curves at each evaluation, one batched call
   per evaluation (``MlflowTracker``); other ranks get a ``NullTracker``.
 
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from tether.card import card_or_empty
 from tether.config import resolve_tracking_uri
 
 __all__ = ["resolve_tracking_uri", "open_run", "close_run", "make_tracker", "RunRecorder"]
@@ -78,6 +80,8 @@ def get_or_create_experiment(client, name: str, tracking_uri: str) -> str:
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def log_table(self, rows: list[dict], artifact_file: str) -> None: ...
+
     @property
     def errors(self) -> int: ...
 
@@ -88,6 +92,9 @@ class NullTracker:
     errors = 0
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
         pass
 
 
@@ -120,6 +127,17 @@ class MlflowTracker:
                     file=sys.stderr,
                     flush=True,
                 )
+            self.errors += 1
+
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        """A small table (e.g. generated samples) as a JSON artifact MLflow's UI shows."""
+        try:
+            import pandas as pd
+
+            self.client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
+        except Exception as e:
+            if self.errors == 0:
+                print(f"[tether] WARNING: MLflow table failed: {e}", file=sys.stderr, flush=True)
             self.errors += 1
 
 
@@ -216,7 +234,8 @@ class RunRecorder:
 
         items = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in flatten(params).items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self._call("log params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+            batch = items[i : i + MAX_PARAMS_PER_BATCH]
+            self._call("log params", self.client.log_batch, self.run_id, params=batch)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -280,7 +299,7 @@ def _log_dataset(
 
 
 def _dataset_source(ref: str):
-    from tether.config import SYNTHETIC_PREFIX, is_local_path
+    from tether.sources import SYNTHETIC_PREFIX, is_local_path
 
     if ref.startswith(SYNTHETIC_PREFIX):
         from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -299,7 +318,12 @@ def _dataset_source(ref: str):
 
 
 def open_run(
-    spec, run_name: str, data, parent_run_id: str | None = None, extra_tags: dict | None = None
+    spec,
+    run_name: str,
+    data,
+    parent_run_id: str | None = None,
+    extra_tags: dict | None = None,
+    task=None,
 ) -> RunRecorder | None:
     """Start the MLflow run for a training job: params, tags, spec artifact, dataset inputs."""
     if not spec.tracking.enabled:
@@ -316,7 +340,10 @@ def open_run(
         "tether.mode": spec.objective.mode,
         "tether.baseline": str(spec.objective.lam == 0).lower(),
         "tether.data_fingerprint": data.fingerprint,
+        "tether.task": spec.model.task,
     }
+    if task is not None:
+        tags["tether.primary_metric"] = f"{task.primary_metric} ({task.mode})"
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -357,9 +384,10 @@ def close_run(
     recorder: RunRecorder | None,
     summary: dict[str, Any],
     status: str = "FINISHED",
-    log_model: bool = True,
+    model_uri: str | None = None,
 ) -> None:
-    """Final metrics, model-card tags and (``log_model``) the model artifact; end the run.
+    """Final metrics and model-card tags; end the run. ``model_uri``: the model the caller
+    logged to this run (``tether.registry.log_model``), if any.
 
     Adds to ``summary``: mlflow_run_id, model_uri, tracking ("ok" | "degraded" | "off").
     """
@@ -371,20 +399,13 @@ def close_run(
             {f"final/{k}": v for k, v in summary.get("metrics", {}).items()},
             step=summary.get("step"),
         )
-        card = _card(summary.get("model_dir"))
+        card = card_or_empty(summary.get("model_dir"))
         recorder.set_tags(
             {
                 "tether.theta_star_sha256": card.get("objective", {}).get("theta_star_sha256"),
                 "tether.run_dir": summary.get("run_dir"),
             }
         )
-        model_uri = None
-        if log_model and summary.get("model_dir") and status == "FINISHED":
-            from tether.registry import log_model
-
-            model_uri = recorder._call(
-                "log model", log_model, recorder.uri, recorder.run_id, Path(summary["model_dir"])
-            )
         summary["model_uri"] = model_uri
         recorder.finish(status)
     worker_errors = int(summary.pop("tracking_errors", 0) or 0)
@@ -398,9 +419,3 @@ def close_run(
             "the model and checkpoints are complete on disk",
             file=sys.stderr,
         )
-
-
-def _card(model_dir: str | None) -> dict[str, Any]:
-    if not model_dir or not (Path(model_dir) / "tether.json").is_file():
-        return {}
-    return json.loads((Path(model_dir) / "tether.json").read_text())

@@ -1,15 +1,18 @@
-"""The Ray Serve application: a FastAPI ingress over a batching classifier replica.
+"""The Ray Serve application: a FastAPI ingress over a batching replica, for any task.
 
-    POST /v1/predict   {"texts": [...]} or {"text": "..."} → labels, probabilities, batch_size
-    GET  /v1/model     name, version, alias, run id, objective (λ, mode), eval metrics
+    POST /v1/predict   the task's request body → the task's predictions (+ model, batch_size)
+    GET  /v1/model     name, version, alias, run id, task, objective (λ, mode), eval metrics
     GET  /healthz      200 once a model is loaded
-    GET  /docs         OpenAPI
+    GET  /docs         OpenAPI: the request and prediction schemas of the served task
 
-Texts from concurrent requests share forward passes: each text is one item of a
-``@serve.batch`` queue (at most ``max_batch_size`` texts per pass), so a request of 3 texts
-and five requests of 1 text can run as one batch of 8. The model is set by ``user_config``
+Items from concurrent requests (texts, sentences) share forward passes: each item is one entry
+of a ``@serve.batch`` queue (at most ``max_batch_size`` per pass), so a request of 3 texts and
+five requests of 1 text can run as one batch of 8. The model is set by ``user_config``
 ({"model_dir", "model_uri"}); ``reconfigure`` loads a new one fully, then swaps one reference,
 so requests in flight finish on the model they started with.
+
+The app is built per task (``AppArgs.task``, read from the model card by ``tether serve``), so
+the published schema is exactly what the server enforces.
 
 No ``from __future__ import annotations`` here: the replica class is pickled by value, and
 FastAPI must resolve the route annotations (``Request``) from real objects, not strings.
@@ -34,45 +37,29 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from tether.serving.contract import (
     ERROR_RESPONSES,
-    PREDICT_OPENAPI,
-    PredictResponse,
     RequestError,
     RequestLimits,
     check_content_type,
     check_declared_length,
     error_body,
     model_ref,
-    parse_texts,
+    parse_json,
     read_limited_body,
+    request_body_openapi,
+    response_model,
+    validate_body,
 )
 from tether.serving.deploy import DEPLOYMENT_NAME
-from tether.serving.model import (
-    DEFAULT_MAX_BATCH_TOKENS,
-    ModelInfo,
-    Prediction,
-    ServedModel,
-    load_served_model,
-    resolve_model_dir,
-)
+from tether.serving.model import ServedModel, card_task, load_served_model, resolve_model_dir
+from tether.tasks import TASKS, task_class
+from tether.tasks.predict import DEFAULT_MAX_BATCH_TOKENS
 
 API_KEY_ENV = "TETHER_API_KEY"
 logger = logging.getLogger("ray.serve")
-
-api = FastAPI(
-    title="tether",
-    description="Text classification with models fine-tuned by tether (anchored, L2-SP).",
-)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """404/405 and friends in the same JSON shape as our own errors."""
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    body = error_body(code, str(exc.detail), request.headers.get("x-request-id"))
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 class AppArgs(BaseModel):
@@ -80,10 +67,13 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(16, ge=1, description="texts per forward pass")
+    task: str = Field("sequence-classification", description=f"one of {sorted(TASKS)}")
+    max_batch_size: int = Field(16, ge=1, description="items per forward pass")
     batch_wait_ms: float = Field(5.0, ge=0, description="wait for a batch to fill, ms")
-    max_texts: int = Field(64, ge=1, description="texts per request (413 above)")
+    max_texts: int = Field(64, ge=1, description="items (texts, sentences) per request")
+    max_chars: int = Field(20_000, ge=1, description="characters per text")
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body bytes (413 above)")
+    max_json_depth: int = Field(32, ge=1, description="nesting of the JSON body (400 above)")
     max_batch_tokens: int = Field(
         DEFAULT_MAX_BATCH_TOKENS, ge=1, description="padded tokens per pass"
     )
@@ -91,6 +81,11 @@ class AppArgs(BaseModel):
         None,
         description=f"sha256 hex of the bearer token for /v1/*; else ${API_KEY_ENV}; else open",
     )
+
+    def limits(self) -> RequestLimits:
+        return RequestLimits(
+            self.max_texts, self.max_chars, self.max_body_bytes, self.max_json_depth
+        )
 
 
 @dataclass(frozen=True)
@@ -129,19 +124,19 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class BatchItem:
-    text: str
+    item: Any  # a text, a sentence: what the task's predictor takes
     model: ServedModel  # captured when the request arrived: one request, one model
 
 
 @dataclass(frozen=True)
 class BatchResult:
-    prediction: Prediction
+    prediction: BaseModel
     batch_size: int
 
 
 # --------------------------------------------------------------------------- helpers
-# Above the deployment on purpose: @serve.deployment pickles the class when this module is
-# imported, and names defined below it would be missing in the replica (NameError).
+# Above the deployment on purpose: @serve.deployment pickles the class when it is built, and
+# names it needs must already be defined.
 
 
 def replica_threads() -> int:
@@ -163,7 +158,7 @@ def _env_key_sha256() -> str | None:
     return hashlib.sha256(key.encode()).hexdigest() if key else None
 
 
-def _same_model(a: ModelSource | None, b: ModelSource) -> bool:
+def _same_model(a: "ModelSource | None", b: ModelSource) -> bool:
     keys = ("model_dir", "model_uri", "weights_sha256", "quantize")
     return a is not None and all(getattr(a, k) == getattr(b, k) for k in keys)
 
@@ -193,50 +188,100 @@ def _internal_error(request_id: str) -> JSONResponse:
     return JSONResponse(body, status_code=500)
 
 
-@serve.deployment(
-    name=DEPLOYMENT_NAME,
-    max_ongoing_requests=32,
-    max_queued_requests=64,
-    ray_actor_options={"num_cpus": 1},
-    health_check_period_s=10,
-)
-@serve.ingress(api)
-class TetherClassifier:
-    def __init__(self, args: AppArgs):
-        self._limits = RequestLimits(args.max_texts, args.max_body_bytes)
-        self._max_batch_tokens = args.max_batch_tokens
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404/405 and friends in the same JSON shape as our own errors."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    body = error_body(code, str(exc.detail), request.headers.get("x-request-id"))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def authorize(request: Request, key_sha256: str | None) -> None:
+    """401 unless the bearer token hashes to the configured key (when one is set)."""
+    if key_sha256 is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    presented = hashlib.sha256(token.strip().encode("utf-8", "replace")).hexdigest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented, key_sha256):
+        raise RequestError(
+            401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer KEY)"
+        )
+
+
+class ModelInfoResponse(BaseModel):
+    name: str
+    version: str | None
+    alias: str | None
+    run_id: str | None
+    model_uri: str | None
+    task: str
+    label_names: list[str]
+    max_length: int
+    objective: dict[str, Any]
+    metrics: dict[str, Any]
+    step: int | None
+    weights_sha256: str
+    loaded_at: float
+
+
+class Health(BaseModel):
+    status: str
+    model: str | None = None
+
+
+def build_api(args: AppArgs) -> tuple[FastAPI, type[BaseModel]]:
+    """The FastAPI app for ``args.task``: its request schema published as enforced."""
+    task = task_class(args.task)()
+    limits = args.limits()
+    request_model = task.request_model(limits.max_items, limits.max_chars)
+    api = FastAPI(
+        title="tether",
+        description=f"{args.task} with a model fine-tuned by tether (anchored, L2-SP).",
+    )
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    return api, request_model
+
+
+class Replica:
+    """The replica's state and request path, apart from the routes (composition, no base class)."""
+
+    def __init__(self, args: AppArgs, request_model: type[BaseModel]):
+        self.limits = args.limits()
+        self.request_model = request_model
+        self.task = args.task
+        self.max_batch_tokens = args.max_batch_tokens
         key_sha256 = args.api_key_sha256 or _env_key_sha256()
-        self._api_key_sha256 = key_sha256.lower() if key_sha256 else None
-        self._model: ServedModel | None = None
-        self._source: ModelSource | None = None
+        self.api_key_sha256 = key_sha256.lower() if key_sha256 else None
+        self.model: ServedModel | None = None
+        self.source: ModelSource | None = None
         threads = replica_threads()
         # one inference thread: forward passes run one at a time, off the event loop, so
         # requests keep arriving (and filling the next batch) while a batch computes
-        self._inference = ThreadPoolExecutor(1, "tether-inference", _set_torch_threads, (threads,))
+        self.inference = ThreadPoolExecutor(1, "tether-inference", _set_torch_threads, (threads,))
         _set_torch_threads(threads)
-        self.classify_batch.set_max_batch_size(args.max_batch_size)
-        self.classify_batch.set_batch_wait_timeout_s(args.batch_wait_ms / 1000)
-
-    # ------------------------------------------------------------------- model lifecycle
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the model user_config names, then swap it in with one assignment."""
         source = ModelSource.from_user_config(user_config)
-        if self._model is not None and _same_model(self._source, source):
-            self._source = source  # only the test knobs changed
+        if self.model is not None and _same_model(self.source, source):
+            self.source = source  # only the test knobs changed
             return
         model = await asyncio.to_thread(self._load, source)  # the old model keeps serving
         # the swap: one assignment; in-flight requests hold their own reference to the old one
-        self._model, self._source = model, source
+        self.model, self.source = model, source
         logger.info(f"tether: serving {model.info.name} from {model.info.model_dir}")
 
     def _load(self, source: ModelSource) -> ServedModel:
         model_dir = resolve_model_dir(source.model_dir, source.model_uri)
+        if card_task(model_dir) != self.task:
+            raise ValueError(
+                f"{model_dir} is a {card_task(model_dir)} model but this app serves {self.task}: "
+                "deploy it as a new application"
+            )
         model = load_served_model(
             model_dir,
             source.model_uri,
             quantize=source.quantize,
-            max_batch_tokens=self._max_batch_tokens,
+            max_batch_tokens=self.max_batch_tokens,
         )
         expected = source.weights_sha256
         if expected and model.info.weights_sha256 != expected:
@@ -246,104 +291,126 @@ class TetherClassifier:
             )
         return model
 
-    def check_health(self) -> None:
-        if self._model is None:
-            raise RuntimeError("no model loaded: set user_config.model_dir or model_uri")
+    def loaded_model(self) -> ServedModel:
+        if self.model is None:
+            raise RequestError(503, "model_not_loaded", "no model is loaded yet")
+        return self.model
 
-    # ------------------------------------------------------------------- batching
+    async def read_items(self, request: Request) -> list[Any]:
+        """Auth, content type, size, JSON, schema: the request's items, or a RequestError."""
+        authorize(request, self.api_key_sha256)
+        check_content_type(request.headers.get("content-type"))
+        check_declared_length(request.headers.get("content-length"), self.limits.max_body_bytes)
+        body = await read_limited_body(request.stream(), self.limits.max_body_bytes)
+        payload = parse_json(body, self.limits.max_json_depth)
+        validated = validate_body(payload, self.request_model)
+        return self.loaded_model().predictor.items(validated)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def classify_batch(self, items: list[BatchItem]) -> list[BatchResult]:
-        """One forward pass per model present (two only while a swap is in progress)."""
-        results: list[BatchResult | None] = [None] * len(items)
-        for model, indices in _group_by_model(items).items():
-            texts = [items[i].text for i in indices]
-            predictions = await asyncio.get_running_loop().run_in_executor(
-                self._inference, self._classify, model, texts
-            )
-            for i, prediction in zip(indices, predictions, strict=True):
-                results[i] = BatchResult(prediction, batch_size=len(texts))
-        return results
-
-    def _classify(self, model: ServedModel, texts: list[str]) -> list[Prediction]:
-        source = self._source
+    def predict(self, model: ServedModel, items: list[Any]) -> list[BaseModel]:
+        source = self.source
         if source and source.test_delay_s:
             time.sleep(source.test_delay_s)  # blocks the inference thread like a slow model would
         if source and source.test_fail:
             raise RuntimeError("test fault: _test_fail is set in user_config")
-        return model.classify(texts)
+        return model.predictor.predict(items)
 
-    # ------------------------------------------------------------------- routes
 
-    @api.post(
-        "/v1/predict",
-        response_model=PredictResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra=PREDICT_OPENAPI,
+def make_deployment(args: AppArgs):
+    """The Serve deployment class for ``args`` (its routes carry the task's schemas)."""
+    api, request_model = build_api(args)
+    predict_response = response_model(task_class(args.task)().prediction_model())
+    example = task_class(args.task)().request_example()
+
+    @serve.deployment(
+        name=DEPLOYMENT_NAME,
+        max_ongoing_requests=32,
+        max_queued_requests=64,
+        ray_actor_options={"num_cpus": 1},
+        health_check_period_s=10,
     )
-    async def predict(self, request: Request) -> JSONResponse:
-        """Classify {"texts": [...]} or {"text": "..."}; see the error table in the docs."""
-        request_id = _request_id(request)
-        try:
-            self._authorize(request)
-            check_content_type(request.headers.get("content-type"))
-            check_declared_length(
-                request.headers.get("content-length"), self._limits.max_body_bytes
-            )
-            body = await read_limited_body(request.stream(), self._limits.max_body_bytes)
-            texts = parse_texts(body, self._limits)
-            model = self._loaded_model()
-            results = await asyncio.gather(
-                *(self.classify_batch(BatchItem(t, model)) for t in texts)
-            )
-            response = PredictResponse(
-                model=model_ref(model.info),
-                batch_size=max(r.batch_size for r in results),
-                predictions=[r.prediction for r in results],
-            )
-            return JSONResponse(response.model_dump(mode="json"))
-        except RequestError as e:
-            return _error_response(e, request_id)
-        except Exception:
-            return _internal_error(request_id)
+    @serve.ingress(api)
+    class TetherServer:
+        def __init__(self, app_args: AppArgs):
+            self.replica = Replica(app_args, request_model)
+            self.predict_batch.set_max_batch_size(app_args.max_batch_size)
+            self.predict_batch.set_batch_wait_timeout_s(app_args.batch_wait_ms / 1000)
 
-    @api.get("/v1/model", response_model=ModelInfo, responses=ERROR_RESPONSES)
-    async def model_info(self, request: Request) -> JSONResponse:
-        """The served model: identity, source, objective (λ, mode) and eval metrics."""
-        request_id = _request_id(request)
-        try:
-            self._authorize(request)
-            return JSONResponse(self._loaded_model().info.to_dict())
-        except RequestError as e:
-            return _error_response(e, request_id)
-        except Exception:
-            return _internal_error(request_id)
+        async def reconfigure(self, user_config: dict[str, Any]) -> None:
+            await self.replica.reconfigure(user_config)
 
-    @api.get("/healthz")
-    async def healthz(self) -> JSONResponse:
-        """200 when a model is loaded (no token needed: load balancers probe it)."""
-        if self._model is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": self._model.info.name})
+        def check_health(self) -> None:
+            if self.replica.model is None:
+                raise RuntimeError("no model loaded: set user_config.model_dir or model_uri")
 
-    def _loaded_model(self) -> ServedModel:
-        if self._model is None:
-            raise RequestError(503, "model_not_loaded", "no model is loaded yet")
-        return self._model
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+        async def predict_batch(self, items: list[BatchItem]) -> list[BatchResult]:
+            """One forward pass per model present (two only while a swap is in progress)."""
+            results: list[BatchResult | None] = [None] * len(items)
+            loop = asyncio.get_running_loop()
+            for model, indices in _group_by_model(items).items():
+                batch = [items[i].item for i in indices]
+                predictions = await loop.run_in_executor(
+                    self.replica.inference, self.replica.predict, model, batch
+                )
+                for i, prediction in zip(indices, predictions, strict=True):
+                    results[i] = BatchResult(prediction, batch_size=len(batch))
+            return results
 
-    def _authorize(self, request: Request) -> None:
-        """401 unless the bearer token hashes to the configured key (when one is set)."""
-        if self._api_key_sha256 is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        presented = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self._api_key_sha256):
-            raise RequestError(
-                401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer KEY)"
-            )
+        @api.post(
+            "/v1/predict",
+            response_model=predict_response,
+            responses=ERROR_RESPONSES,
+            openapi_extra=request_body_openapi(request_model, example),
+        )
+        async def predict(self, request: Request) -> JSONResponse:
+            """The task's predictions for the request's items; errors as in the table."""
+            request_id = _request_id(request)
+            try:
+                items = await self.replica.read_items(request)
+                model = self.replica.loaded_model()
+                results = await asyncio.gather(
+                    *(self.predict_batch(BatchItem(i, model)) for i in items)
+                )
+                body = {
+                    "model": model_ref(model.info).model_dump(),
+                    "batch_size": max(r.batch_size for r in results),
+                    "predictions": [r.prediction.model_dump(mode="json") for r in results],
+                }
+                return JSONResponse(body)
+            except RequestError as e:
+                return _error_response(e, request_id)
+            except ClientDisconnect:  # the client left while sending: nobody to answer
+                return _error_response(
+                    RequestError(400, "client_disconnected", "request body incomplete"), request_id
+                )
+            except Exception:
+                return _internal_error(request_id)
+
+        @api.get("/v1/model", response_model=ModelInfoResponse, responses=ERROR_RESPONSES)
+        async def model_info(self, request: Request) -> JSONResponse:
+            """The served model: identity, task, objective (λ, mode) and eval metrics."""
+            request_id = _request_id(request)
+            try:
+                authorize(request, self.replica.api_key_sha256)
+                return JSONResponse(self.replica.loaded_model().info.public())
+            except RequestError as e:
+                return _error_response(e, request_id)
+            except Exception:
+                return _internal_error(request_id)
+
+        @api.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+        async def healthz(self) -> JSONResponse:
+            """200 when a model is loaded (no token needed: load balancers probe it)."""
+            if self.replica.model is None:
+                return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "ok", "model": self.replica.model.info.name})
+
+    return TetherServer
 
 
 def app_builder(args: dict[str, Any] | AppArgs | None = None) -> serve.Application:
     """Serve app builder (``import_path: tether.serving.app:app_builder``); args: AppArgs."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
-    return TetherClassifier.bind(args)
+    if args.task not in TASKS:
+        raise ValueError(f"args.task: unknown task {args.task!r} (known: {sorted(TASKS)})")
+    return make_deployment(args).bind(args)

@@ -16,6 +16,7 @@ Exit status: 0 on success, 2 for bad flags or an unusable model, 1 when deployin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import signal
@@ -37,10 +38,12 @@ def register(subparsers) -> None:
     scale.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
     scale.add_argument("--autoscale", type=_min_max, metavar="MIN,MAX", help="autoscale replicas")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs (= torch threads) per replica")
-    p.add_argument("--max-batch-size", type=int, default=16, help="texts per forward pass")
+    p.add_argument("--max-batch-size", type=int, default=16, help="items per forward pass")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for a batch to fill")
-    p.add_argument("--max-texts", type=int, default=64, help="texts per request (413 above)")
+    p.add_argument("--max-texts", type=int, default=64, help="items per request (422 above)")
+    p.add_argument("--max-chars", type=int, default=20_000, help="characters per text (422 above)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="413 above")
+    p.add_argument("--max-json-depth", type=int, default=32, help="JSON nesting (400 above)")
     p.add_argument("--max-ongoing-requests", type=int, help="per replica (default 2×batch)")
     p.add_argument("--max-queued-requests", type=int, default=64, help="beyond: 503 at once")
     p.add_argument("--request-timeout-s", type=float, default=30.0)
@@ -65,11 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.throughput_optimized:  # before anything imports ray.serve: it reads env at import
         enable_throughput_mode(args.address)
     from tether.serving.deploy import serve_config
-    from tether.serving.model import ModelSourceError
+    from tether.serving.model import ModelSourceError, card_task
 
     try:
-        options = options_from_args(args)
+        options = options_from_args(args)  # bad flags fail before any model is touched
         user_config = resolve_user_config(args)
+        task = card_task(Path(user_config["model_dir"]))
+        options = dataclasses.replace(options, task=task)
     except (ValueError, ModelSourceError) as e:
         print(f"tether serve: {e}", file=sys.stderr)
         return 2
@@ -101,11 +106,12 @@ def enable_throughput_mode(address: str | None) -> None:
         )
 
 
-def options_from_args(args: argparse.Namespace):
+def options_from_args(args: argparse.Namespace, task: str = "sequence-classification"):
     from tether.serving.deploy import ServeOptions
 
     key = args.api_key or os.environ.get(API_KEY_ENV)
     return ServeOptions(
+        task=task,
         host=args.host,
         port=args.port,
         replicas=args.replicas,
@@ -114,7 +120,9 @@ def options_from_args(args: argparse.Namespace):
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
         max_texts=args.max_texts,
+        max_chars=args.max_chars,
         max_body_bytes=args.max_body_bytes,
+        max_json_depth=args.max_json_depth,
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
         request_timeout_s=args.request_timeout_s,
@@ -147,7 +155,7 @@ def resolve_user_config(args: argparse.Namespace) -> dict:
 
 def serve_until_interrupted(config: dict, options, args: argparse.Namespace) -> int:
     """Deploy, print how to call it, then wait: SIGHUP reloads, Ctrl-C/SIGTERM shut down."""
-    from tether.launch import ensure_ray
+    from tether.cluster import ensure_ray
     from tether.serving.deploy import DeployError, deploy
 
     if not options.is_loopback and options.api_key_sha256 is None:
@@ -184,10 +192,16 @@ def serve_until_interrupted(config: dict, options, args: argparse.Namespace) -> 
 def _reload_in_place(config: dict, options, args: argparse.Namespace) -> dict:
     """SIGHUP: re-resolve the model and redeploy if it changed; a failure keeps the old one."""
     from tether.serving.deploy import DeployError, deploy, serve_config
-    from tether.serving.model import ModelSourceError
+    from tether.serving.model import ModelSourceError, card_task
 
     try:
-        new_config = serve_config(options, resolve_user_config(args))
+        new_user_config = resolve_user_config(args)
+        new_task = card_task(Path(new_user_config["model_dir"]))
+        if new_task != options.task:
+            raise ValueError(
+                f"the new model is a {new_task} model; this server serves {options.task}"
+            )
+        new_config = serve_config(options, new_user_config)
         if new_config == config:
             print("tether serve: reload: model unchanged", file=sys.stderr)
             return config
@@ -205,7 +219,7 @@ def reload_running_server(config: dict, options, address: str | None) -> int:
     """--reload: redeploy a running server's app with the re-resolved model, then exit."""
     from ray import serve
 
-    from tether.launch import ensure_ray
+    from tether.cluster import ensure_ray
     from tether.serving.deploy import DeployError, deploy
 
     try:

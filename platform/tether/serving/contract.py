@@ -1,12 +1,18 @@
 """The HTTP contract of the tether service: request bodies, limits, and errors.
 
-Every bad request becomes a 4xx JSON body that names the problem, never a 500:
+Every request the parser, the schema or the tokenizer cannot take becomes a 4xx JSON body
+that names the problem, before the replica's model sees it, never a 500:
 
-    400 invalid_json            malformed JSON, a body that is not UTF-8, an empty body
+    400 invalid_json            malformed JSON; a body that is not UTF-8; an empty body; NaN or
+                                Infinity; a number too large to represent; a duplicate key;
+                                nesting deeper than max_json_depth; a string holding an
+                                unpaired surrogate (valid JSON escape, not valid Unicode)
     401 unauthorized            missing or wrong bearer token on /v1/*
-    413 payload_too_large       over max_body_bytes (declared or actually sent), over max_texts
+    413 payload_too_large       over max_body_bytes (declared or actually sent)
     415 unsupported_media_type  not application/json (or a charset other than UTF-8)
-    422 invalid_input           wrong or missing fields, empty list, blank or non-string texts
+    422 invalid_input           fields that do not fit the published schema (names the field):
+                                wrong types, unknown fields, both or neither of text/texts,
+                                blank texts, over max_items items or max_chars characters
 
 Errors look like ``{"error": "invalid_input", "message": "texts[1]: ...", "request_id": "..."}``.
 FastAPI's own body parsing is not used: it has no size limit and answers malformed JSON with 422.
@@ -14,14 +20,14 @@ FastAPI's own body parsing is not used: it has no size limit and answers malform
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
-
-from tether.serving.model import ModelInfo, Prediction
+from pydantic import BaseModel, Field, ValidationError
 
 
 class RequestError(Exception):
@@ -36,42 +42,20 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class RequestLimits:
-    max_texts: int = 64  # texts per request
+    """What one request may hold. The item and character limits are in the published schema."""
+
+    max_items: int = 64  # texts (sentences, prompts) per request
+    max_chars: int = 20_000  # characters per text
     max_body_bytes: int = 1_000_000  # bytes per request body
+    max_json_depth: int = 32  # nesting of arrays/objects
 
     def __post_init__(self):
-        for name in ("max_texts", "max_body_bytes"):
+        for name in ("max_items", "max_chars", "max_body_bytes", "max_json_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 # --------------------------------------------------------------------------- schemas
-
-
-class PredictRequest(BaseModel):
-    """POST /v1/predict: one text, or a list of texts classified independently."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    text: str | None = Field(default=None, description="one text", examples=["a fine film"])
-    texts: list[str] | None = Field(
-        default=None, min_length=1, description="several texts", examples=[["great", "dull"]]
-    )
-
-    @model_validator(mode="after")
-    def _exactly_one_non_blank_source(self) -> PredictRequest:
-        if (self.text is None) == (self.texts is None):
-            raise PydanticCustomError("text_or_texts", "send exactly one of 'text' or 'texts'")
-        if self.text is not None and not self.text.strip():
-            raise PydanticCustomError("blank_text", "text is empty or whitespace-only")
-        blank = [i for i, t in enumerate(self.texts or []) if not t.strip()]
-        if blank:
-            where = ", ".join(f"texts[{i}]" for i in blank[:5])
-            raise PydanticCustomError("blank_text", f"{where}: empty or whitespace-only text")
-        return self
-
-    def as_list(self) -> list[str]:
-        return [self.text] if self.text is not None else list(self.texts or [])
 
 
 class ModelRef(BaseModel):
@@ -80,40 +64,74 @@ class ModelRef(BaseModel):
     alias: str | None
 
 
-class PredictResponse(BaseModel):
-    model: ModelRef
-    batch_size: int = Field(description="texts in the largest forward batch serving this request")
-    predictions: list[Prediction]
-
-
 class ErrorResponse(BaseModel):
     error: str
     message: str
     request_id: str | None = None
 
 
+ERROR_DESCRIPTIONS = {
+    400: "malformed or unrepresentable JSON, or a body that is not UTF-8",
+    401: "missing or wrong bearer token",
+    413: "body over the byte limit",
+    415: "not application/json",
+    422: "the body does not fit the schema (the message names the field)",
+    500: "unexpected error (see request_id in the server log)",
+    503: "model not loaded, or the service is overloaded",
+}
 ERROR_RESPONSES = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "malformed JSON or non-UTF-8 body",
-        401: "missing or wrong bearer token",
-        413: "body or number of texts over the limit",
-        415: "not application/json",
-        422: "wrong fields, empty list, blank or non-string text",
-        500: "unexpected error (see request_id in the server log)",
-        503: "model not loaded, or the service is overloaded",
-    }.items()
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in ERROR_DESCRIPTIONS.items()
 }
 
-PREDICT_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+
+def response_model(prediction: type[BaseModel]) -> type[BaseModel]:
+    """The POST /v1/predict response around a task's prediction model."""
+    from pydantic import create_model
+
+    return create_model(
+        "PredictResponse",
+        model=(ModelRef, ...),
+        batch_size=(
+            int,
+            Field(description="items in the largest forward batch serving this request"),
+        ),
+        predictions=(list[prediction], ...),
+    )
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with every $ref replaced by its definition.
+
+    The request body schema is embedded in the OpenAPI document by hand (FastAPI does not
+    parse the body), so refs into pydantic's local ``$defs`` would point nowhere.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]]))
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+def request_body_openapi(model: type[BaseModel], example: dict[str, Any]) -> dict[str, Any]:
+    schema = inline_schema(model)
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema, "example": example}},
+        }
     }
-}
 
 
-def model_ref(info: ModelInfo) -> ModelRef:
+def model_ref(info) -> ModelRef:
     return ModelRef(name=info.name, version=info.version, alias=info.alias)
 
 
@@ -160,46 +178,152 @@ async def read_limited_body(chunks: AsyncIterator[bytes], max_body_bytes: int) -
     return bytes(body)
 
 
-def parse_texts(body: bytes, limits: RequestLimits) -> list[str]:
-    """Decode, parse and validate a predict body into the texts to classify."""
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]!r} is too large to represent")
+    return value
+
+
+def parse_json(body: bytes, max_depth: int) -> Any:
+    """Decode and parse a body strictly; 400 naming the problem for anything Python's parser
+    accepts that a JSON peer would not, or that would fail later inside the replica."""
     if not body:
-        raise RequestError(400, "invalid_json", 'empty body: send {"texts": ["..."]}')
+        raise RequestError(400, "invalid_json", "empty body: send a JSON object")
     try:
-        payload = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError(
             400, "invalid_json", f"body is not valid UTF-8 (byte {e.start})"
         ) from None
+    try:
+        payload = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
     except json.JSONDecodeError as e:
         raise RequestError(
             400, "invalid_json", f"malformed JSON: {e.msg} at position {e.pos}"
         ) from None
+    except RecursionError:  # the C parser recursed past the interpreter's limit
+        raise RequestError(
+            400, "invalid_json", f"JSON nested deeper than {max_depth} levels"
+        ) from None
+    except ValueError as e:  # our hooks, and integers beyond Python's digit limit
+        raise RequestError(400, "invalid_json", f"unrepresentable JSON: {e}") from None
+    check_depth_and_text(payload, max_depth)
+    return payload
+
+
+def check_depth_and_text(payload: Any, max_depth: int) -> None:
+    """400 for nesting beyond ``max_depth`` or a string that is not valid Unicode.
+
+    Lone surrogates (``"\\ud800"``) are legal JSON escapes, but no UTF-8 text holds them: the
+    tokenizer would fail on them inside the replica.
+    """
+    stack: list[tuple[Any, str, int]] = [(payload, "", 1)]
+    while stack:
+        node, where, depth = stack.pop()
+        if isinstance(node, (dict, list)) and depth > max_depth:
+            raise RequestError(400, "invalid_json", f"JSON nested deeper than {max_depth} levels")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                _check_text(key, f"{where}.{key!r}" if where else repr(key))
+                stack.append((value, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node))
+        elif isinstance(node, str):
+            _check_text(node, where or "body")
+
+
+def _check_text(value: str, where: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start]
+        raise RequestError(
+            400,
+            "invalid_json",
+            f"{where}: holds an unpaired surrogate (\\u{ord(bad):04x}), which is not valid Unicode",
+        ) from None
+
+
+def validate_body(payload: Any, model: type[BaseModel]):
+    """422 naming the field for a payload that does not fit ``model``."""
     if not isinstance(payload, dict):
         raise RequestError(
-            422,
-            "invalid_input",
-            f'body must be a JSON object like {{"texts": [...]}}, got {type(payload).__name__}',
-        )
-    texts = payload.get("texts")
-    if isinstance(texts, list) and len(texts) > limits.max_texts:
-        raise RequestError(
-            413, "payload_too_large", f"{len(texts)} texts is over max_texts={limits.max_texts}"
+            422, "invalid_input", f"body must be a JSON object, got {type(payload).__name__}"
         )
     try:
-        return PredictRequest.model_validate(payload).as_list()
+        return model.model_validate(payload)
     except ValidationError as e:
-        raise RequestError(422, "invalid_input", describe_validation_error(e)) from None
+        raise RequestError(
+            422, "invalid_input", describe_validation_error(e, payload, model)
+        ) from None
 
 
-def describe_validation_error(error: ValidationError, limit: int = 5) -> str:
-    """'texts[1]: Input should be a valid string; ...' for the first ``limit`` problems."""
+def union_branches(model: type[BaseModel]) -> dict[str, set[str]]:
+    """For a body that is one of several shapes: each shape's title → its required keys."""
+    schema = model.model_json_schema()
+    defs = schema.get("$defs", {})
+    branches = {}
+    for option in schema.get("anyOf", []):
+        ref = option.get("$ref", "").rsplit("/", 1)[-1]
+        if ref in defs:
+            branches[defs[ref].get("title", ref)] = set(defs[ref].get("required", []))
+    return branches
+
+
+def describe_validation_error(
+    error: ValidationError, payload: Any, model: type[BaseModel], limit: int = 5
+) -> str:
+    """'texts[1]: empty or whitespace-only text; ...' for the first ``limit`` problems.
+
+    A body of several shapes ({"text"} | {"texts"} | ...) is judged by the shape whose key it
+    sent; with several such keys, or none, the message says which keys to choose from.
+    """
+    problems = error.errors()
+    branches = union_branches(model)
+    if branches:
+        keys = set(payload)
+        meant = [b for b, required in branches.items() if required & keys]
+        choices = ", ".join(repr(k) for b in branches for k in sorted(branches[b]))
+        if len(meant) != 1:
+            unknown = sorted(keys - set().union(*branches.values()))
+            extra = f" (unknown field(s): {', '.join(map(repr, unknown))})" if unknown else ""
+            return f"send exactly one of {choices}{extra}"
+        problems = [{**p, "loc": p["loc"][1:]} for p in problems if p["loc"][:1] == (meant[0],)]
     parts = []
-    for problem in error.errors()[:limit]:
+    for problem in problems[:limit]:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in problem["loc"])
-        where = where.lstrip(".")
-        parts.append(f"{where}: {problem['msg']}" if where else problem["msg"])
-    more = len(error.errors()) - limit
+        parts.append(f"{where.lstrip('.')}: {_message(problem)}" if where else _message(problem))
+    more = len(problems) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _message(problem: dict) -> str:
+    if problem["type"] == "extra_forbidden":
+        return "unknown field"
+    if problem["type"] == "string_pattern_mismatch" or (
+        problem["type"] == "string_too_short" and problem.get("ctx", {}).get("min_length") == 1
+    ):
+        return "empty or whitespace-only text"
+    return problem["msg"]
 
 
 def error_body(error: str, message: str, request_id: str | None) -> dict:

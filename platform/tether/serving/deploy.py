@@ -17,21 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.serving.model import weights_sha256
+from tether.errors import DeployError
+
+__all__ = ["DeployError", "ServeOptions", "deploy", "serve_config", "model_user_config"]
 
 APP_NAME = "tether"
 IMPORT_PATH = "tether.serving.app:app_builder"
-DEPLOYMENT_NAME = "TetherClassifier"  # the replica class in tether.serving.app
-
-
-class DeployError(RuntimeError):
-    """The application failed to deploy (the message carries Serve's reason)."""
+DEPLOYMENT_NAME = "TetherServer"  # the replica class tether.serving.app builds
 
 
 @dataclass
 class ServeOptions:
     """Infrastructure settings of one serving application (CLI flags map one to one)."""
 
+    task: str = "sequence-classification"  # what the served model does (from its card)
     host: str = "127.0.0.1"
     port: int = 8000
     replicas: int = 1
@@ -39,8 +38,10 @@ class ServeOptions:
     num_cpus: float = 1.0  # per replica; also its torch threads
     max_batch_size: int = 16  # texts per forward pass
     batch_wait_ms: float = 5.0
-    max_texts: int = 64
+    max_texts: int = 64  # items (texts, sentences) per request
+    max_chars: int = 20_000  # characters per text
     max_body_bytes: int = 1_000_000
+    max_json_depth: int = 32
     max_ongoing_requests: int | None = None  # per replica; default 2 × max_batch_size
     max_queued_requests: int = 64  # per proxy; beyond it requests get 503 at once
     request_timeout_s: float = 30.0
@@ -51,7 +52,15 @@ class ServeOptions:
 
     def __post_init__(self):
         problems = []
-        for name in ("port", "replicas", "max_batch_size", "max_texts", "max_body_bytes"):
+        for name in (
+            "port",
+            "replicas",
+            "max_batch_size",
+            "max_texts",
+            "max_chars",
+            "max_body_bytes",
+            "max_json_depth",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.autoscale is not None:
@@ -97,6 +106,8 @@ def model_user_config(
     The weights hash makes a retrained model in the same directory a change, and lets a
     replica on another node check that its copy is the one the CLI resolved.
     """
+    from tether.serving.model import weights_sha256
+
     return {
         "model_dir": str(model_dir),
         "model_uri": model_uri,
@@ -108,10 +119,13 @@ def model_user_config(
 def application_config(options: ServeOptions, user_config: dict[str, Any]) -> dict[str, Any]:
     """One entry of the config's ``applications:`` list (schema of serve/config.yaml)."""
     args = {
+        "task": options.task,
         "max_batch_size": options.max_batch_size,
         "batch_wait_ms": options.batch_wait_ms,
         "max_texts": options.max_texts,
+        "max_chars": options.max_chars,
         "max_body_bytes": options.max_body_bytes,
+        "max_json_depth": options.max_json_depth,
         "api_key_sha256": options.api_key_sha256,
         **options.extra_args,
     }

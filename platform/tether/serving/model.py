@@ -1,39 +1,34 @@
-"""The served model: where it comes from, how it loads, how one batch of texts is classified.
+"""The served model: where it comes from, how it loads, and who it says it is.
 
 No Ray here: the Serve replica and offline checks call the same code.
 
     model_dir = resolve_model_dir(model_dir="runs/demo/model")   # or model_uri="models:/demo@champion"
     served = load_served_model(model_dir)
-    served.classify(["a fine film", "a dull one"])   # → [Prediction(label="positive", ...), ...]
+    served.predictor.predict(served.predictor.items(request))     # the task's own predictor
 
-A model directory is what ``tether train`` exports: config.json (id2label), *.safetensors,
-tokenizer files, job.yaml and tether.json (the model card: name, task, label_names, max_length,
-objective, metrics, step).
+A model directory is what ``tether train`` exports: config.json, *.safetensors, tokenizer
+files, job.yaml and tether.json (the model card: name, task, labels, max_length, objective,
+metrics, step). The card's task picks the predictor; nothing here asks which task it is.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from tether.card import MODEL_CARD_FILE, read_card
+from tether.errors import ModelSourceError
+from tether.tasks import TASKS, task_for_card
+from tether.tasks.predict import DEFAULT_MAX_BATCH_TOKENS
 
-from tether.checkpoints import MODEL_CARD_FILE
+__all__ = ["ModelSourceError", "ServedModel", "load_served_model", "resolve_model_dir"]
 
 REGISTRY_MISSING = "MLflow registry support not installed yet; use --model-dir"
-SERVABLE_TASKS = ("sequence-classification",)
-DEFAULT_MAX_BATCH_TOKENS = 16384  # padded tokens per forward pass (32 texts × 512)
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?$")
-
-
-class ModelSourceError(ValueError):
-    """The model directory or URI cannot be served (missing, incomplete, unknown task)."""
 
 
 # --------------------------------------------------------------------------- resolution
@@ -92,6 +87,17 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def card_task(model_dir: Path) -> str:
+    """The task a model directory was trained for (what the serving app is built for)."""
+    card = read_card(model_dir)
+    task = card.get("task", "sequence-classification")
+    if task not in TASKS:
+        raise ModelSourceError(
+            f"{model_dir}: task {task!r} cannot be served (known: {sorted(TASKS)})"
+        )
+    return task
+
+
 # --------------------------------------------------------------------------- identity
 
 
@@ -116,6 +122,17 @@ class ModelInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def public(self) -> dict[str, Any]:
+        """What any caller may see: no server paths (the model folder, a local base model)."""
+        out = self.to_dict()
+        out.pop("model_dir")
+        objective = dict(out["objective"])
+        base = str(objective.get("base_model") or "")
+        if base.startswith(("/", "./", "../", "~")):
+            objective["base_model"] = Path(base).name  # a folder on the training machine
+        out["objective"] = objective
+        return out
 
 
 def registry_identity(
@@ -143,89 +160,19 @@ def registry_identity(
     return identity
 
 
-def read_card(model_dir: Path) -> dict[str, Any]:
-    card = json.loads((model_dir / MODEL_CARD_FILE).read_text())
-    task = card.get("task", "sequence-classification")
-    if task not in SERVABLE_TASKS:
-        raise ModelSourceError(
-            f"{model_dir}: task {task!r} cannot be served (known: {SERVABLE_TASKS})"
-        )
-    return card
-
-
-# --------------------------------------------------------------------------- inference
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    label_id: int
-    probabilities: dict[str, float]
-    truncated: bool  # the text was longer than max_length tokens and was cut
+# --------------------------------------------------------------------------- loading
 
 
 class ServedModel:
-    """A loaded classifier: weights, tokenizer and card swapped together as one object."""
+    """A loaded model: the task's predictor and the card's identity, swapped as one object."""
 
-    def __init__(self, model, tokenizer, info: ModelInfo, max_batch_tokens: int):
-        self.model = model
-        self.tokenizer = tokenizer
+    def __init__(self, predictor, info: ModelInfo):
+        self.predictor = predictor
         self.info = info
-        self.max_batch_tokens = max_batch_tokens
 
-    def classify(self, texts: list[str]) -> list[Prediction]:
-        """Tokenize (truncating to max_length), run the forward pass(es), softmax per text."""
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.info.max_length)
-        truncated = truncation_flags(self.tokenizer, encoded, texts, self.info.max_length)
-        probabilities: list[torch.Tensor | None] = [None] * len(texts)
-        for chunk in length_sorted_chunks(encoded["input_ids"], self.max_batch_tokens):
-            features = self.tokenizer.pad(
-                {key: [encoded[key][i] for i in chunk] for key in encoded.keys()},
-                return_tensors="pt",
-            )
-            with torch.inference_mode():
-                logits = self.model(**features).logits
-            for row, i in zip(torch.softmax(logits.float(), dim=-1), chunk, strict=True):
-                probabilities[i] = row
-        return [self._prediction(p, cut) for p, cut in zip(probabilities, truncated, strict=True)]
-
-    def _prediction(self, probs: torch.Tensor, truncated: bool) -> Prediction:
-        label_id = int(probs.argmax())
-        names = self.info.label_names
-        return Prediction(
-            label=names[label_id],
-            label_id=label_id,
-            probabilities={name: float(p) for name, p in zip(names, probs.tolist(), strict=True)},
-            truncated=truncated,
-        )
-
-
-def length_sorted_chunks(input_ids: list[list[int]], max_batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into forward passes of at most ``max_batch_tokens`` padded tokens.
-
-    Sorted by length first, so one long text pads only the chunk of long texts, not every
-    short text of the batch.
-    """
-    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
-    chunks: list[list[int]] = []
-    for i in order:
-        # sorted ascending: the text being added is the longest of its chunk
-        if chunks and (len(chunks[-1]) + 1) * len(input_ids[i]) <= max_batch_tokens:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-    return chunks
-
-
-def truncation_flags(tokenizer, encoded, texts: list[str], max_length: int) -> list[bool]:
-    """Which texts lost tokens to truncation."""
-    if encoded.encodings is not None:  # fast tokenizer: truncation keeps the overflow
-        return [bool(e.overflowing) for e in encoded.encodings]
-    full = tokenizer(texts, truncation=False)["input_ids"]
-    return [len(ids) > max_length for ids in full]
-
-
-# --------------------------------------------------------------------------- loading
+    def classify(self, texts: list[str]):
+        """Predictions for a list of texts (every text task takes them as items)."""
+        return self.predictor.predict(self.predictor.frame_items(texts))
 
 
 def load_served_model(
@@ -236,52 +183,22 @@ def load_served_model(
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
 ) -> ServedModel:
     """Load weights (safetensors only, never remote code), tokenizer and card from a directory."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+    model_dir = Path(model_dir)
     check_model_dir(model_dir)
+    card_task(model_dir)
     card = read_card(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, use_safetensors=True, trust_remote_code=False
-    ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    label_names = card.get("label_names") or [
-        model.config.id2label[i] for i in range(model.config.num_labels)
-    ]
-    if len(label_names) != model.config.num_labels:
-        raise ModelSourceError(
-            f"{model_dir}: tether.json has {len(label_names)} label_names but the model has "
-            f"{model.config.num_labels} outputs"
-        )
-    if quantize:
-        model = quantize_linear_int8(model)
+    task = task_for_card(card)
+    predictor = task.predictor(model_dir, card, max_batch_tokens, quantize)
     info = ModelInfo(
         **registry_identity(model_uri, card, default_name=model_dir.name),
         model_dir=str(model_dir),
         model_uri=model_uri,
-        task=card.get("task", "sequence-classification"),
-        label_names=list(label_names),
-        max_length=served_max_length(card, tokenizer, model.config),
+        task=task.name,
+        label_names=list(getattr(predictor, "labels", []) or []),
+        max_length=predictor.max_length,
         objective=card.get("objective") or {},
         metrics={k: v for k, v in (card.get("metrics") or {}).items() if k.startswith("eval/")},
         step=card.get("step"),
         weights_sha256=weights_sha256(model_dir),
     )
-    return ServedModel(model, tokenizer, info, max_batch_tokens)
-
-
-def served_max_length(card: dict[str, Any], tokenizer, config) -> int:
-    """The card's max_length (what the model was trained on), else what the model can take."""
-    if card.get("max_length"):
-        return int(card["max_length"])
-    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512), 512]
-    return int(min(limits))
-
-
-def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantization of every Linear (CPU inference; weights int8, activations fp32)."""
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao but still works in 2.13
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return ServedModel(predictor, info)

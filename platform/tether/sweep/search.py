@@ -24,10 +24,10 @@ from pydantic import ValidationError
 from ray.tune.search import Searcher
 
 from tether.config import JobSpec, SpecError, TuneSection, deep_merge
-from tether.data import PreparedData, epoch_batches
-from tether.tasks import get_task
+from tether.data import PreparedData, steps_per_epoch
+from tether.sweep.trial import ARM
+from tether.tasks import build_task, metric_names
 
-ARM = "arm"  # trial config key: "anchored" (searched λ) or "baseline" (λ = 0)
 LAMBDA, LR = "objective.lambda", "optim.lr"
 TUNABLE_SECTIONS = ("objective", "optim", "train")
 TUNABLE_KEYS = ("model.freeze_embeddings", "model.freeze_layers")
@@ -38,8 +38,35 @@ NOT_TUNABLE = (
     "train.num_threads",
 )  # reporting cadence and infrastructure
 RUN_LENGTH_KEYS = ("train.epochs", "train.max_steps")  # + batch keys when max_steps is set
-METRIC_DIRECTION = {"eval/loss": "min", "eval/accuracy": "max", "eval/macro_f1": "max"}
+# metrics where lower is better; everything else a task reports is better higher
+LOWER_IS_BETTER = ("eval/loss", "eval/perplexity", "eval/forgetting")
 DEFAULT_NUM_SAMPLES = 8
+
+
+def metric_direction(metric: str) -> str:
+    return "min" if metric in LOWER_IS_BETTER else "max"
+
+
+def known_direction(metric: str) -> str | None:
+    """The direction a metric must be optimised in, where it is not a matter of choice."""
+    if metric in LOWER_IS_BETTER:
+        return "min"
+    if metric.endswith(("accuracy", "f1", "precision", "recall")):
+        return "max"
+    return None
+
+
+def sweep_metric(spec: JobSpec) -> tuple[str, str]:
+    """(metric, mode) that rank trials: tune.metric or the task's primary, and its direction."""
+    t = spec.tune or TuneSection()
+    task = build_task(spec)
+    metric = t.metric or task.primary_metric
+    default_mode = task.mode if metric == task.primary_metric else metric_direction(metric)
+    return metric, t.mode or default_mode
+
+
+def sweep_space(spec: JobSpec):
+    return (spec.tune or TuneSection()).resolved_space(spec.objective.mode)
 
 
 # --------------------------------------------------------------------------- validation
@@ -57,20 +84,21 @@ def sweep_problems(spec: JobSpec) -> list[str]:
     t = spec.tune or TuneSection()
     base = spec.to_dict()
     problems = []
-    if not t.space:
+    space = sweep_space(spec)
+    if not space:
         problems.append("tune.space: empty (search at least objective.lambda or optim.lr)")
-    for key, dim in t.space.items():
+    for key, dim in space.items():
         problems += dimension_problems(key, dim, base, t.search)
-    produced = reported_metrics(spec.model.task)
-    if t.metric not in produced:
+    metric, mode = sweep_metric(spec)
+    produced = reported_metrics(spec)
+    if metric not in produced:
         problems.append(
-            f"tune.metric: {t.metric!r} is not reported by the {spec.model.task} task "
+            f"tune.metric: {metric!r} is not reported by the {spec.model.task} task "
             f"(validation metrics: {', '.join(sorted(produced))})"
         )
-    elif METRIC_DIRECTION.get(t.metric, t.mode) != t.mode:
+    elif t.mode is not None and known_direction(metric) not in (None, t.mode):
         problems.append(
-            f"tune.mode: {t.metric} is better when {METRIC_DIRECTION[t.metric]}imised "
-            f"(got {t.mode!r})"
+            f"tune.mode: {metric} is better when {metric_direction(metric)}imised (got {t.mode!r})"
         )
     if t.search == "grid" and t.num_samples is not None:
         problems.append("tune.num_samples: not used by search: grid (it runs every combination)")
@@ -80,7 +108,7 @@ def sweep_problems(spec: JobSpec) -> list[str]:
     length_keys = RUN_LENGTH_KEYS + (
         ("train.batch_size", "train.grad_accum_steps") if spec.train.max_steps else ()
     )
-    searched_length = [k for k in t.space if k in length_keys]
+    searched_length = [k for k in space if k in length_keys]
     if t.scheduler == "asha" and searched_length and a.max_t is None:
         problems.append(
             f"tune.asha.max_t: set it when the space searches the run length "
@@ -141,13 +169,12 @@ def dimension_problems(key: str, dim, base: dict[str, Any], search: str) -> list
     return problems
 
 
-def reported_metrics(task_name: str) -> set[str]:
-    """Validation metrics the training loop reports for a task (what a sweep can rank on)."""
-    import torch
-
-    n = 2  # the keys do not depend on the number of labels
-    keys = set(get_task(task_name).eval_metrics(torch.zeros(n * n, dtype=torch.float64), n))
-    return (keys | {"eval/loss"}) - {"eval/num_examples"}
+def reported_metrics(spec: JobSpec) -> set[str]:
+    """Validation metrics the training loop reports for the spec's task (what a sweep can
+    rank on). Per-type keys (eval/f1/PER) depend on the data and are not listed."""
+    task = build_task(spec)
+    placeholder = {"sequence-classification": ["a", "b"], "token-classification": ["O", "B-X"]}
+    return metric_names(task.with_labels(placeholder.get(task.name, [])))
 
 
 def is_integer_key(key: str) -> bool:
@@ -180,14 +207,15 @@ def plan_search(spec: JobSpec, data: PreparedData) -> SearchPlan:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     t = spec.tune or TuneSection()
-    space = t.space
+    space = sweep_space(spec)
+    metric, mode = sweep_metric(spec)
     if t.search == "grid":
         anchored = grid_configs(space)
-        inner = FixedConfigs(anchored, t.metric, t.mode)
+        inner = FixedConfigs(anchored, metric, mode)
         num_anchored = len(anchored)
     else:
         num_anchored = t.num_samples or DEFAULT_NUM_SAMPLES
-        inner = optuna_searcher(space, t.metric, t.mode, t.search, t.seed, num_anchored)
+        inner = optuna_searcher(space, metric, mode, t.search, t.seed, num_anchored)
     baseline = baseline_configs(spec, num_anchored) if t.include_baseline else []
     searcher = WithControlArm(inner, baseline, num_anchored + len(baseline))
 
@@ -250,7 +278,7 @@ def baseline_configs(spec: JobSpec, num_anchored: int) -> list[dict[str, Any]]:
     With grid search it is the grid of the other keys at λ = 0.
     """
     t = spec.tune or TuneSection()
-    others = {k: d for k, d in t.space.items() if k != LAMBDA}
+    others = {k: d for k, d in sweep_space(spec).items() if k != LAMBDA}
     if t.search == "grid":
         return [{**c, LAMBDA: 0.0} for c in grid_configs(others)]
     n = t.baseline_samples or max(2, math.ceil(num_anchored / 3))
@@ -289,8 +317,10 @@ def job_epochs(spec: JobSpec, data: PreparedData) -> float:
     if spec.train.max_steps is None:
         return float(spec.train.epochs)
     world = max(1, spec.scaling.num_workers)
-    batches = len(epoch_batches(data.train.lengths, spec.train.batch_size, 0, 0, 0, world))
-    return spec.train.max_steps / math.ceil(batches / spec.train.grad_accum_steps)
+    per_epoch = steps_per_epoch(
+        len(data.train), spec.train.batch_size, spec.train.grad_accum_steps, world
+    )
+    return spec.train.max_steps / per_epoch
 
 
 # --------------------------------------------------------------------------- searchers

@@ -1,9 +1,10 @@
 """Sweep results for people: the trial table, trials.csv, the verdict lines and plots.
 
-Pure functions on the rows ``tether.sweep.collect_trials`` builds, one per trial:
+Pure functions on the rows ``tether.sweep.runner.collect_trials`` builds, one per trial:
 {"trial", "trial_id", "arm", "config" (dotted key → value, λ and lr always), "metric" (the
-ranked metric's last value), "metrics", "epochs", "step", "status", "model_dir",
-"checkpoint", "train_attempts"}. Plots use matplotlib's Agg backend (no display needed).
+ranked metric's best value over the trial's evaluations), "last_metric", "best_step",
+"best_metrics", "metrics" (last), "epochs", "step", "status", "model_dir", "checkpoint",
+"best_checkpoint", "train_attempts"}. Plots use matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-LAMBDA, LR = "objective.lambda", "optim.lr"  # the spec keys, as in tether.sweep_search
+LAMBDA, LR = "objective.lambda", "optim.lr"  # the spec keys, as in tether.sweep.search
 
 
 # --------------------------------------------------------------------------- selection
 
 
 def pick_best(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
-    """The trial whose last reported metric is best (the state its model ends in)."""
+    """The trial whose best evaluation is best. Every trial is scored the same way, at its
+    best checkpoint, so a trial ASHA stopped early and one that overfit later compare fairly;
+    ties go to completed trials."""
     scored = [r for r in rows if _finite(r["metric"])]
     if not scored:
         return None
@@ -37,13 +40,18 @@ def public(row: dict[str, Any] | None) -> dict[str, Any] | None:
         "arm",
         "config",
         "metric",
+        "last_metric",
+        "best_step",
+        "best_metrics",
         "metrics",
         "epochs",
         "status",
         "model_dir",
+        "model_from",
         "checkpoint",
+        "best_checkpoint",
     )
-    return {k: row[k] for k in keys}
+    return {k: row.get(k) for k in keys}
 
 
 def difference(anchored: dict | None, baseline: dict | None) -> float | None:
@@ -58,10 +66,10 @@ def verdict(summary: dict[str, Any]) -> list[str]:
     metric, best = summary["metric"], summary["best"]
     if best is None:
         return [f"no trial reported {metric}"]
-    model = best["model_dir"] or f"none exported (stopped early); checkpoint {best['checkpoint']}"
+    model = best["model_dir"] or "none (its checkpoints are gone)"
     lines = [
         f"best: trial {best['trial_id']} ({best['arm']}, {_params(best['config'])}) "
-        f"{metric} {best['metric']:.4f}; model: {model}"
+        f"{metric} {best['metric']:.4f} at step {best['best_step']}; model: {model}"
     ]
     a, b, d = summary["best_anchored"], summary["baseline_best"], summary["anchored_minus_baseline"]
     if d is not None:
@@ -87,7 +95,7 @@ def verdict(summary: dict[str, Any]) -> list[str]:
 
 def format_table(rows: list[dict], keys: list[str], metric: str, best: dict | None) -> str:
     """A fixed-width table, one line per trial, the best marked with '*'."""
-    head = ["trial", "arm", *[_short(k) for k in keys], metric, "epochs", "status"]
+    head = ["trial", "arm", *[short(k) for k in keys], f"best {metric}", "last", "epochs", "status"]
     body = []
     for r in rows:
         mark = "*" if best is not None and r["trial_id"] == best["trial_id"] else " "
@@ -95,8 +103,9 @@ def format_table(rows: list[dict], keys: list[str], metric: str, best: dict | No
             [
                 f"{mark}{r['trial']}",
                 r["arm"],
-                *[_fmt(r["config"].get(k)) for k in keys],
+                *[fmt(r["config"].get(k)) for k in keys],
                 "-" if r["metric"] is None else f"{r['metric']:.4f}",
+                "-" if not _finite(r.get("last_metric")) else f"{r['last_metric']:.4f}",
                 f"{r['epochs']:.2f}",
                 r["status"],
             ]
@@ -113,7 +122,7 @@ def format_table(rows: list[dict], keys: list[str], metric: str, best: dict | No
 def write_csv(rows: list[dict], keys: list[str], path: Path) -> Path:
     """trials.csv: one row per trial, searched keys and last eval metrics as columns."""
     metric_keys = sorted({k for r in rows for k in r["metrics"] if k.startswith("eval/")})
-    fields = ["trial", "trial_id", "arm", *keys, "metric", *metric_keys]
+    fields = ["trial", "trial_id", "arm", *keys, "metric", "best_step", "last_metric", *metric_keys]
     fields += ["epochs", "step", "status", "train_attempts", "model_dir", "checkpoint"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -178,7 +187,7 @@ def plot_metric_vs_hparams(rows: list[dict], metric: str, path: Path) -> Path:
     ax_lam.set_xlabel("λ (anchor strength; 0 = plain fine-tuning)")
     ax_lr.set_xscale("log")
     ax_lr.set_xlabel("learning rate")
-    ax_lam.set_ylabel(f"{metric} (last reported)")
+    ax_lam.set_ylabel(f"{metric} (best evaluation)")
     ax_lr.legend(fontsize=8, loc="best")
     fig.suptitle(f"{metric} per trial")
     fig.tight_layout()
@@ -210,7 +219,7 @@ def plot_curves(rows: list[dict], curves: dict[str, list], metric: str, path: Pa
     if norm is not None:
         fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="λ")
     elif lams:
-        ax.plot([], [], "-", color="tab:blue", label=f"λ = {_fmt(next(iter(lams)))}")
+        ax.plot([], [], "-", color="tab:blue", label=f"λ = {fmt(next(iter(lams)))}")
     ax.plot([], [], "--", color="black", label="λ = 0 (baseline)")
     ax.plot([], [], "o", mfc="none", color="gray", label="stopped early")
     ax.legend(fontsize=8, loc="best")
@@ -231,11 +240,11 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _short(key: str) -> str:
+def short(key: str) -> str:
     return {LAMBDA: "λ", LR: "lr"}.get(key, key)
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
+def fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "-"
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
@@ -243,4 +252,4 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def _params(config: dict[str, Any], lam: bool = True) -> str:
     keys = [k for k in config if lam or k != LAMBDA]
-    return ", ".join(f"{_short(k)}={_fmt(config[k])}" for k in keys)
+    return ", ".join(f"{short(k)}={fmt(config[k])}" for k in keys)

@@ -34,8 +34,7 @@ def register(subparsers) -> None:
 def cmd_tune(args) -> int:
     from tether.config import SpecError, load_job
     from tether.data import DataError
-    from tether.sweep import open_sweep, write_json
-    from tether.sweep_tracking import run_tracked_sweep
+    from tether.sweep import open_sweep, run_tracked_sweep, write_json
 
     try:
         if isinstance(args.resume, str) and "=" in args.resume:

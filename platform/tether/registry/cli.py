@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("models", help="list registered models; promote a version")
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else ./mlflow.db")
     sub = p.add_subparsers(dest="models_command", required=True)
-    ls = sub.add_parser("list", help="models, versions, aliases and key metrics")
+    ls = sub.add_parser("list", help="models, versions, aliases and their gate metric")
     ls.add_argument("name", nargs="?", help="only this registered model")
     ls.set_defaults(handler=cmd_list)
     promote = sub.add_parser("promote", help="point an alias (default: champion) at a version")
@@ -47,10 +47,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         for v in sorted(versions, key=lambda v: int(v.version)):
             names = [a for a, ver in aliases.items() if str(ver) == str(v.version)]
             tags = v.tags or {}
-            metric = tags.get("eval/accuracy", "-")
-            metric = f"{float(metric):.4f}" if metric != "-" else metric
+            metric = tags.get("tether.metric", "eval/accuracy")
+            value = tags.get(metric)
+            shown = f"{float(value):.4f}" if value is not None else "-"
             print(
-                f"  v{v.version:<4} accuracy {metric:<7} λ={tags.get('lambda', '-'):<8} "
+                f"  v{v.version:<4} {metric.removeprefix('eval/')} {shown:<7} "
+                f"λ={tags.get('lambda', '-'):<8} "
                 f"{tags.get('mode', '-'):<9} run {v.run_id[:12] if v.run_id else '-'}  "
                 + (f"[{', '.join(sorted(names))}]" if names else "")
             )

@@ -20,8 +20,10 @@ from typing import Any
 
 from ray.tune import Callback
 
-from tether.sweep import SweepOutcome, TrialExtras, TrialInfo, run_sweep
-from tether.tracking import RunRecorder, close_run, open_run, resolve_tracking_uri, worker_tracking
+from tether.config import resolve_tracking_uri
+from tether.sweep.runner import SweepOutcome, run_sweep
+from tether.sweep.trial import TrialExtras, TrialInfo
+from tether.tracking import RunRecorder, close_run, open_run, worker_tracking
 
 TRIAL_TAG = "tether.trial_id"
 
@@ -43,13 +45,13 @@ class MlflowTrialHooks:
             extra_tags=tags,
         )
         self._recorders[info.trial_id] = recorder
-        return TrialExtras(loop_config={"tracking": worker_tracking(recorder)})
+        return TrialExtras(tracking=worker_tracking(recorder))
 
     def finish(self, info: TrialInfo, summary: dict[str, Any] | None, status: str) -> None:
         recorder = self._recorders.pop(info.trial_id, None)
         record = summary if summary is not None else {"metrics": {}}
         # trial models are logged only for the winner (after the sweep): each costs seconds
-        close_run(recorder, record, status=status, log_model=False)
+        close_run(recorder, record, status=status)
 
 
 class CloseStoppedChildRuns(Callback):
@@ -98,6 +100,7 @@ def run_tracked_sweep(sweep, *, verbose: bool = False) -> SweepOutcome:
         sweep.name,
         sweep.data,
         extra_tags={"tether.sweep": sweep.name, "tether.role": "sweep"},
+        task=sweep.task,
     )
     parent_id = parent.run_id if parent else None
     if parent_id and sweep.spec.tune is not None:
@@ -151,25 +154,30 @@ def record_sweep(parent: RunRecorder | None, summary: dict[str, Any]) -> None:
 
 
 def register_best(sweep, summary: dict[str, Any], uri: str, parent_id: str) -> dict | None:
-    """Log the best trial's model to its child run, register it, apply the champion gate."""
+    """Log the best trial's model (its best checkpoint) to its child run, register it, and
+    apply the champion gate on the sweep's metric and direction."""
     from mlflow.tracking import MlflowClient
 
-    from tether.registry import log_model, register_and_gate
+    from tether.registry import log_model
+    from tether.run import register_model
+    from tether.sweep.trial import trial_spec
 
     best = summary["best"]
     if not best.get("model_dir"):
-        return None
+        return {"error": "not registered: the best trial has no model (its checkpoints are gone)"}
     client = MlflowClient(tracking_uri=uri)
     runs = child_runs(client, parent_id, best.get("trial_id"))
     run_id = runs[0].info.run_id if runs else parent_id
     model_uri = log_model(uri, run_id, Path(best["model_dir"]))
     record = {
-        "metrics": best["metrics"],
+        "metrics": best.get("best_metrics") or best["metrics"],
         "model_uri": model_uri,
         "mlflow_run_id": run_id,
         "run_dir": str(Path(best["model_dir"]).parent),
+        "task": sweep.task.name,
     }
-    return register_and_gate(sweep.spec, record, sweep.data)
+    spec = trial_spec(sweep.spec.to_dict(), best["config"])
+    return register_model(spec, sweep.task, record, sweep.data, sweep.metric, sweep.mode)
 
 
 def _rewrite_summary(sweep_dir: Path, summary: dict[str, Any]) -> None:

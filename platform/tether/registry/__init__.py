@@ -1,9 +1,14 @@
-"""Models in MLflow: the pyfunc wrapper, logging, registration, and the gated `champion` alias.
+"""Models in MLflow: logging, registration, and the gated `champion` alias.
 
 A trained model folder (HF format + tether.json) is logged as an MLflow pyfunc model whose
 artifact *is* that folder, so weights stay safetensors and serving can use the folder directly
-(``fetch_model_dir``). ``mlflow.pyfunc.load_model(uri).predict(["a text", ...])`` returns a
-DataFrame: label, label_id and one probability column per label.
+(``fetch_model_dir``). ``mlflow.pyfunc.load_model(uri).predict(df)`` runs the task's own
+predictor (``tether.registry.pyfunc``).
+
+The gate compares a challenger with the champion on the same validation data and in the
+metric's direction (max for accuracy/F1, min for losses). Re-scoring a champion validated on
+other data is the caller's (``evaluate_champion``): the registry does not know how to train
+or evaluate.
 
 Only load models your own platform registered: loading an MLflow model unpickles its wrapper.
 """
@@ -11,61 +16,31 @@ Only load models your own platform registered: loading an MLflow model unpickles
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
+from tether.card import read_card, write_card
+from tether.config import resolve_tracking_uri
+from tether.tracking import active_tracking_uri
 
-from tether.tracking import active_tracking_uri, resolve_tracking_uri
-
-HF_ARTIFACT = "hf_model"
+HF_ARTIFACT = "hf_model"  # the artifact key of the HF folder (also in registry.pyfunc)
 CHAMPION, CHALLENGER = "champion", "challenger"
-
-
-class TetherTextClassifier(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around the serving code path: texts in, label + probabilities out."""
-
-    def load_context(self, context) -> None:
-        from tether.serving.model import load_served_model
-
-        self.model = load_served_model(Path(context.artifacts[HF_ARTIFACT]))
-
-    def predict(self, context, model_input, params=None):
-        if hasattr(model_input, "iloc"):  # a DataFrame: the first column holds the texts
-            texts = [str(t) for t in model_input.iloc[:, 0]]
-        else:
-            texts = [str(t) for t in model_input]
-        return predictions_frame(self.model, texts)
-
-
-def predictions_frame(model, texts: list[str]):
-    """One row per text: label, label_id, p_<label> for every label."""
-    import pandas as pd
-
-    return pd.DataFrame(
-        [
-            {"label": p.label, "label_id": p.label_id}
-            | {f"p_{name}": prob for name, prob in p.probabilities.items()}
-            for p in model.classify(texts)
-        ]
-    )
 
 
 def log_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
     """Log the folder as the run's pyfunc model; returns its URI (MLflow 3: models:/m-...)."""
     import mlflow
-    import pandas as pd
     from mlflow.models import infer_signature
 
-    from tether.serving.model import load_served_model
+    from tether.registry.pyfunc import TetherModel, example_frame
 
-    example = pd.DataFrame({"text": ["a wonderful, moving film", "dull and far too long"]})
-    output = predictions_frame(load_served_model(Path(model_dir)), list(example.text))
+    example, output = example_frame(Path(model_dir))
     with active_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=TetherTextClassifier(),
+            python_model=TetherModel(),
             artifacts={HF_ARTIFACT: str(model_dir)},
             signature=infer_signature(example, output),
             input_example=example,
@@ -83,6 +58,7 @@ class GateDecision:
     name: str
     version: str
     metric: str
+    mode: str
     challenger_value: float
     champion_version: str | None
     champion_value: float | None
@@ -95,11 +71,16 @@ class GateDecision:
                 f"({self.metric} {self.challenger_value:.4f})"
             )
         verb = "beats" if self.promoted else "does not beat"
+        better = "higher" if self.mode == "max" else "lower"
         return (
             f"{self.name} v{self.version} {verb} champion v{self.champion_version}: "
-            f"{self.metric} {self.challenger_value:.4f} vs {self.champion_value:.4f}"
-            + ("; champion moved" if self.promoted else "; champion stays")
+            f"{self.metric} {self.challenger_value:.4f} vs {self.champion_value:.4f} "
+            f"({better} is better)" + ("; champion moved" if self.promoted else "; champion stays")
         )
+
+
+def better(value: float, than: float, mode: str) -> bool:
+    return value > than if mode == "max" else value < than
 
 
 def register_version(client, model_uri: str, name: str, run_id: str, tags: dict[str, Any]) -> str:
@@ -109,7 +90,7 @@ def register_version(client, model_uri: str, name: str, run_id: str, tags: dict[
     try:
         client.create_registered_model(name)
     except MlflowException:
-        pass  # it exists
+        pass  # MLflow has no get-or-create: it already exists
     version = client.create_model_version(
         name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
     )
@@ -121,11 +102,12 @@ def gate_champion(
     name: str,
     version: str,
     metric: str,
+    mode: str,
     value: float,
     data_fingerprint: str,
-    evaluate_champion=None,
+    evaluate_champion: Callable[[str], float] | None = None,
 ) -> GateDecision:
-    """Set `challenger` to the new version; move `champion` only if it scores higher.
+    """Set `challenger` to the new version; move `champion` only if it is better.
 
     The comparison is on the same validation data: the champion's recorded metric is used when
     its validation fingerprint matches, otherwise ``evaluate_champion(model_uri)`` re-scores it.
@@ -138,12 +120,18 @@ def gate_champion(
     except MlflowException:
         champion = None
     if champion is None:
-        decision = GateDecision(name, version, metric, value, None, None, True)
+        decision = GateDecision(name, version, metric, mode, value, None, None, True)
     else:
         champ_value = _champion_value(champion, metric, data_fingerprint, evaluate_champion, name)
-        promoted = value > champ_value
         decision = GateDecision(
-            name, version, metric, value, str(champion.version), champ_value, promoted
+            name,
+            version,
+            metric,
+            mode,
+            value,
+            str(champion.version),
+            champ_value,
+            better(value, champ_value, mode),
         )
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -161,6 +149,67 @@ def _champion_value(champion, metric, fingerprint, evaluate_champion, name) -> f
             f"champion v{champion.version} was validated on other data and no evaluator was given"
         )
     return float(evaluate_champion(f"models:/{name}/{champion.version}"))
+
+
+def register_and_gate(
+    spec,
+    summary: dict[str, Any],
+    data_fingerprint: str,
+    metric: str,
+    mode: str,
+    evaluate_champion: Callable[[str, str], dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Register the run's logged model and apply the champion gate; returns the decision.
+
+    Called only after the model artifact is fully logged, so no version is ever half-made.
+    ``evaluate_champion(model_uri, tracking_uri)`` returns a registered model's metrics on
+    this job's validation data.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(spec.tracking.uri)
+    client = MlflowClient(tracking_uri=uri)
+    name = spec.tracking.registered_model or spec.name
+    value = float(summary["metrics"][metric])
+    tags = {
+        metric: value,
+        "tether.metric": metric,
+        "tether.mode": mode,
+        "tether.task": summary.get("task", spec.model.task),
+        "validation_fingerprint": data_fingerprint,
+        "lambda": spec.objective.lam,
+        "mode": spec.objective.mode,
+        "run_dir": summary.get("run_dir"),
+    }
+    # MLflow resolves a models:/m-… source through the *global* tracking URI: point it here
+    with active_tracking_uri(uri):
+        version = register_version(
+            client, summary["model_uri"], name, summary["mlflow_run_id"], tags
+        )
+    rescore = None
+    if evaluate_champion is not None:
+
+        def rescore(model_uri: str) -> float:
+            return evaluate_champion(model_uri, uri)[metric]
+
+    decision = gate_champion(client, name, version, metric, mode, value, data_fingerprint, rescore)
+    print(f"tether: registry: {decision.describe()}")
+    out = {
+        "name": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "promoted": decision.promoted,
+        "decision": decision.describe(),
+        "metric": metric,
+        "champion_value": decision.champion_value,
+        "challenger_value": decision.challenger_value,
+    }
+    if decision.promoted:
+        out["champion_uri"] = f"models:/{name}@{CHAMPION}"
+    return out
+
+
+# --------------------------------------------------------------------------- downloads
 
 
 def fetch_model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
@@ -186,9 +235,9 @@ def fetch_model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
         raise ValueError(f"{model_uri} is not a tether model (no {HF_ARTIFACT!r} artifact)")
     folder = local / artifacts[HF_ARTIFACT]["path"]
     # record which registry version this copy is, for /v1/model and logs
-    card = model_card(folder)
+    card = read_card(folder)
     card["registry"] = resolve_version(uri, model_uri)
-    (folder / "tether.json").write_text(json.dumps(card, indent=2))
+    write_card(folder, card)
     return folder
 
 
@@ -208,7 +257,7 @@ def resolve_version(tracking_uri: str, model_uri: str) -> dict[str, Any]:
 
 
 def describe_version(client, name: str, version: str) -> dict[str, Any]:
-    """Version metadata for serving's /v1/model: aliases, run id, tags."""
+    """Version metadata: aliases, run id, tags."""
     mv = client.get_model_version(name, version)
     return {
         "name": name,
@@ -221,86 +270,3 @@ def describe_version(client, name: str, version: str) -> dict[str, Any]:
 
 def model_card(model_dir: Path) -> dict[str, Any]:
     return json.loads((Path(model_dir) / "tether.json").read_text())
-
-
-def register_and_gate(spec, summary: dict[str, Any], data) -> dict[str, Any]:
-    """Register the run's logged model and apply the champion gate; returns the decision.
-
-    Called only after the model artifact is fully logged, so no version is ever half-made.
-    """
-    from mlflow.tracking import MlflowClient
-
-    from tether.tasks import get_task
-    from tether.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(spec.tracking.uri)
-    client = MlflowClient(tracking_uri=uri)
-    name = spec.tracking.registered_model or spec.name
-    metric = get_task(spec.model.task).primary_metric
-    value = float(summary["metrics"][metric])
-    tags = {
-        metric: value,
-        "validation_fingerprint": data.fingerprint,
-        "lambda": spec.objective.lam,
-        "mode": spec.objective.mode,
-        "run_dir": summary.get("run_dir"),
-    }
-    # MLflow resolves a models:/m-… source through the *global* tracking URI: point it here
-    with active_tracking_uri(uri):
-        version = register_version(
-            client, summary["model_uri"], name, summary["mlflow_run_id"], tags
-        )
-    decision = gate_champion(
-        client,
-        name,
-        version,
-        metric,
-        value,
-        data.fingerprint,
-        evaluate_champion=lambda model_uri: score_on_validation(spec, model_uri, uri, metric),
-    )
-    print(f"tether: registry: {decision.describe()}")
-    out = {
-        "name": name,
-        "version": version,
-        "model_uri": f"models:/{name}/{version}",
-        "promoted": decision.promoted,
-        "decision": decision.describe(),
-        "champion_value": decision.champion_value,
-        "challenger_value": decision.challenger_value,
-    }
-    if decision.promoted:
-        out["champion_uri"] = f"models:/{name}@{CHAMPION}"
-    return out
-
-
-def score_on_validation(spec, model_uri: str, tracking_uri: str, metric: str) -> float:
-    """Re-score a registered model on this job's validation data (its own tokenizer)."""
-    from contextlib import nullcontext
-
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from tether.data import prepare_data
-    from tether.loop import evaluate
-    from tether.models import load_tokenizer
-    from tether.tasks import get_task
-
-    folder = fetch_model_dir(model_uri, tracking_uri)
-    tokenizer = load_tokenizer(str(folder))
-    card = model_card(folder)
-    data = prepare_data(spec.data, tokenizer, str(folder), card.get("label_names"))
-    model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
-    metrics = evaluate(
-        model,
-        data.validation,
-        get_task(spec.model.task),
-        len(data.label_names),
-        data.pad_id,
-        spec.train.eval_batch_size,
-        0,
-        1,
-        torch.device("cpu"),
-        nullcontext(),
-    )
-    return float(metrics[metric])

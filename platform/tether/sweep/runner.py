@@ -1,188 +1,46 @@
-"""Hyperparameter sweeps: search λ, lr (any tunable key) with Ray Tune, beside a λ = 0 arm.
+"""Running a sweep: the folder, Ray Tune, progress lines, and the results.
 
-    tether tune jobs/sweep_demo.yaml [key=value ...] [--summary PATH] [--resume [SWEEP]]
-    (the command lives in tether.sweep_cli)
-
-    sweep = open_sweep(load_job("jobs/sweep_demo.yaml"))   # validates, tokenizes; no Ray yet
-    outcome = run_sweep(sweep)    # → SweepOutcome(summary={"best", "baseline_best", ...})
-
-Each trial is a Tune *function trainable* that drives one Ray Train run (``build_trainer`` +
-``TuneReportCallback``), so a trial gets ``scaling.num_workers`` DDP workers and Train's own
-fault tolerance; every evaluation the loop reports is one Tune result. ASHA ranks trials on
-the validation metric at fractional epochs. The control arm (λ = 0, the lr range spread
-evenly) is interleaved with the searcher's trials; the searcher never sees it.
-
-A sweep lives in ``storage.path/<sweep name>/``: ``sweep.json`` (the resolved job), ``tune/``
-(Tune's experiment state), ``trials/<trial id>/`` (each trial's Train run: checkpoints,
-``model/``, ``summary.json``), ``trials.csv``, ``summary.json`` and ``plots/``.
+Trials are ranked by their *best* evaluation of the sweep metric (each trial's best
+checkpoint), the number a trial stopped early by ASHA and one that ran to the end both have;
+the best trial's model is exported from that same checkpoint, so what is registered is what
+won.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ray.tune import Callback
-from ray.tune.integration.ray_train import TuneReportCallback
 
-from tether.config import JobSpec, SpecError, TuneSection, deep_merge
+from tether.config import JobSpec, SpecError, TuneSection
 from tether.data import PreparedData
-from tether.sweep_search import ARM, LAMBDA, LR, SearchPlan, plan_search, validate_sweep
-
-TRIAL_SUMMARY = "summary.json"
-ATTEMPTS_LOG = "attempts.log"
-
-
-# --------------------------------------------------------------------------- one trial
-
-
-@dataclass(frozen=True)
-class TrialInfo:
-    """What a trial hook knows (e.g. to open an MLflow child run under the sweep's run)."""
-
-    sweep_name: str
-    sweep_dir: str
-    trial_id: str
-    arm: str  # "anchored" or "baseline" (λ = 0)
-    config: dict[str, Any]  # searched values by dotted key
-    run_dir: str  # the trial's Train run: checkpoints, model/, summary.json
-
-
-@dataclass
-class TrialExtras:
-    """What a hook adds to one trial's Train run."""
-
-    callbacks: list = field(default_factory=list)  # Ray Train UserCallbacks
-    loop_config: dict[str, Any] = field(default_factory=dict)  # e.g. {"tracking": {...}}
-
-
-class TrialHooks(Protocol):
-    """Per-trial extension points, called in the trial's actor (so a hooks object must pickle).
-
-    ``finish`` gets status FINISHED with the trial summary (before summary.json is written;
-    it may add to it), FAILED with None, or KILLED with None when the scheduler stopped the
-    trial. A stopped trial's process is ended, so its KILLED call can be cut short: a Tune
-    callback in the driver (on_trial_complete) is the reliable place to close it.
-    """
-
-    def start(self, info: TrialInfo, spec: JobSpec, data: PreparedData) -> TrialExtras: ...
-
-    def finish(self, info: TrialInfo, summary: dict[str, Any] | None, status: str) -> None: ...
-
-
-@dataclass
-class TrialContext:
-    """Everything a trial needs besides its config; shipped once through the object store."""
-
-    job: dict[str, Any]
-    data: Any  # ObjectRef to the PreparedData (tokenized once by the driver)
-    sweep_name: str
-    sweep_dir: str
-    hooks: TrialHooks | None = None
-    verbose: bool = False
-
-
-def trial_spec(job: dict[str, Any], config: dict[str, Any]) -> JobSpec:
-    """The job with a trial's sampled values applied (dotted keys; the arm label dropped)."""
-    updates: dict[str, Any] = {}
-    for key, value in config.items():
-        if key != ARM:
-            section, _, name = key.partition(".")
-            updates.setdefault(section, {})[name] = value
-    return JobSpec.model_validate(deep_merge(job, updates))
-
-
-def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Tune function trainable: one Ray Train run of the job with ``config`` applied.
-
-    Intermediate evaluations reach Tune through TuneReportCallback; the final one is reported
-    here after the model is exported and summary.json written, so a scheduler stop on the
-    final result cannot cut that short. summary.json also marks the trial finished: a trial
-    restarted after a driver crash reports it again instead of training again.
-    """
-    import ray
-    import ray.tune
-
-    from tether.launch import build_trainer, summarize
-
-    trial_id = ray.tune.get_context().get_trial_id()
-    run_dir = Path(ctx.sweep_dir) / "trials" / trial_id
-    done = run_dir / TRIAL_SUMMARY
-    if done.is_file():
-        note_attempt(run_dir, "reuse")
-        ray.tune.report(json.loads(done.read_text())["final_report"])
-        return
-    note_attempt(run_dir, "train")
-    spec = trial_spec(ctx.job, config)
-    data = ray.get(ctx.data)
-    searched = {k: v for k, v in config.items() if k != ARM}
-    info = TrialInfo(
-        ctx.sweep_name, ctx.sweep_dir, trial_id, config.get(ARM, "anchored"), searched, str(run_dir)
-    )
-    extras = ctx.hooks.start(info, spec, data) if ctx.hooks else TrialExtras()
-    trainer = build_trainer(
-        spec,
-        ctx.data,
-        trial_id,
-        str(run_dir.parent),
-        extra_loop_config=extras.loop_config,
-        callbacks=[HoldFinalReport(), *extras.callbacks],
-        verbose=ctx.verbose,
-    )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        if ctx.hooks:
-            ctx.hooks.finish(info, None, "KILLED" if stop_requested() else "FAILED")
-        raise
-    summary = summarize(spec, result, trial_id, run_dir, data)
-    final = dict(result.metrics or {}) | {"checkpoint_path": summary["checkpoint"]}
-    summary |= {"trial_id": trial_id, "arm": info.arm, "config": searched, "final_report": final}
-    if ctx.hooks:
-        ctx.hooks.finish(info, summary, "FINISHED")
-    write_json(done, summary)
-    ray.tune.report(final)
-
-
-def stop_requested() -> bool:
-    """Tune asked this trial to stop (a scheduler decision): a fit failing now is a kill."""
-    from ray.train._internal.session import get_session  # Tune's function-trainable session
-
-    session = get_session()
-    return bool(session is not None and session.stop_event.is_set())
-
-
-class HoldFinalReport(TuneReportCallback):
-    """TuneReportCallback that forwards every report except the run's last (see run_trial)."""
-
-    def after_report(self, run_context, metrics, checkpoint):
-        m = metrics[0]  # rank 0's
-        if m.get("step", 0) < m.get("total_steps", math.inf):
-            super().after_report(run_context, metrics, checkpoint)
-
-
-def note_attempt(run_dir: Path, action: str) -> None:
-    """Append 'train' or 'reuse' to the trial's attempts log (restarts are auditable)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / ATTEMPTS_LOG).open("a") as f:
-        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {action} pid={os.getpid()}\n")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write atomically: a reader (or a resumed sweep) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- the sweep
+from tether.sweep import report as sweep_report
+from tether.sweep.search import (
+    LAMBDA,
+    LR,
+    SearchPlan,
+    plan_search,
+    sweep_metric,
+    sweep_space,
+    validate_sweep,
+)
+from tether.sweep.trial import (
+    ARM,
+    ATTEMPTS_LOG,
+    TRIAL_SUMMARY,
+    TrialContext,
+    TrialHooks,
+    run_trial,
+    write_json,
+)
+from tether.tasks import Task
+from tether.train.checkpoint import STATE_FILE, checkpoint_name, read_state
 
 
 @dataclass
@@ -192,26 +50,35 @@ class Sweep:
     spec: JobSpec
     name: str
     dir: Path
+    task: Task
     data: PreparedData
     resumed: bool
+
+    @property
+    def metric(self) -> str:
+        return sweep_metric(self.spec)[0]
+
+    @property
+    def mode(self) -> str:
+        return sweep_metric(self.spec)[1]
 
 
 @dataclass
 class SweepOutcome:
     summary: dict[str, Any]
-    rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial (sweep_report)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial (sweep.report)
     curves: dict[str, list] = field(default_factory=dict)  # trial id → [(epoch, metric), ...]
 
 
 def open_sweep(
-    spec: JobSpec, resume: bool | str = False, data: PreparedData | None = None
+    spec: JobSpec, resume: bool | str = False, prepared: tuple[Task, PreparedData] | None = None
 ) -> Sweep:
     """Validate, find or create the sweep folder, tokenize the data once; no Ray work yet.
 
     ``resume``: True continues ``tune.name`` or this job's latest sweep; a string names one.
     A resumed sweep runs with the spec saved when it started (Tune cannot change a space).
     """
-    from tether.launch import prepare_run_data
+    from tether.run import prepare_run_data
 
     t = spec.tune or TuneSection()
     storage = Path(spec.storage.path)
@@ -240,14 +107,14 @@ def open_sweep(
     if spec.tune is None:
         spec = spec.model_copy(update={"tune": TuneSection()})
     validate_sweep(spec)
-    data = data if data is not None else prepare_run_data(spec)
+    task, data = prepared if prepared is not None else prepare_run_data(spec)
     sweep_dir = storage / str(name)
     if not resume:
         write_json(
             sweep_dir / "sweep.json",
             {"name": name, "job": spec.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
         )
-    return Sweep(spec, str(name), sweep_dir, data, bool(resume))
+    return Sweep(spec, str(name), sweep_dir, task, data, bool(resume))
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -290,7 +157,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from tether.launch import caller_signal_handlers, ensure_ray
+    from tether.cluster import caller_signal_handlers, ensure_ray
 
     spec, t = sweep.spec, sweep.spec.tune
     ensure_ray(spec.scaling.address, log_to_driver=verbose)
@@ -298,13 +165,20 @@ def run_sweep(
     concurrency = t.max_concurrent_trials or default_concurrency(spec, ray.cluster_resources())
     concurrency = min(concurrency, plan.num_trials)
     ctx = TrialContext(
-        spec.to_dict(), ray.put(sweep.data), sweep.name, str(sweep.dir), trial_hooks, verbose
+        spec.to_dict(),
+        ray.put(sweep.data),
+        sweep.name,
+        str(sweep.dir),
+        sweep.metric,
+        sweep.mode,
+        trial_hooks,
+        verbose,
     )
     # the driver only launches the Train run; Tune needs a non-empty bundle: 1 byte of memory
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, ctx=ctx), dict(t.driver_resources) or {"memory": 1}
     )
-    callbacks = [TrialLines(t.metric, plan.num_trials), *(tune_callbacks or [])]
+    callbacks = [TrialLines(sweep.metric, plan.num_trials), *(tune_callbacks or [])]
     experiment = sweep.dir / "tune"
     if sweep.resumed and tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(
@@ -322,8 +196,8 @@ def run_sweep(
                 scheduler=plan.scheduler,
                 num_samples=plan.num_trials,
                 max_concurrent_trials=concurrency,
-                metric=t.metric,
-                mode=t.mode,
+                metric=sweep.metric,
+                mode=sweep.mode,
                 trial_dirname_creator=trial_dirname,
             ),
             run_config=tune.RunConfig(
@@ -336,7 +210,8 @@ def run_sweep(
         )
     announce(
         f"sweep {sweep.name}: {plan.num_trials} trials ({plan.num_baseline} at λ=0), "
-        f"{concurrency} at a time, {t.search} search, scheduler {t.scheduler}; {sweep.dir}"
+        f"{concurrency} at a time, {t.search} search, scheduler {t.scheduler}, ranked on "
+        f"{sweep.metric} ({sweep.mode}); {sweep.dir}"
     )
     with caller_signal_handlers():
         tuner.fit()
@@ -345,12 +220,12 @@ def run_sweep(
 
 def default_concurrency(spec: JobSpec, cluster: dict[str, float]) -> int:
     """Trials the cluster can run at once: each holds all its Train workers' resources."""
-    s, t = spec.scaling, spec.tune or TuneSection()
-    need = {"CPU": s.num_workers * s.cpus_per_worker}
-    if s.use_gpu:
-        need["GPU"] = s.num_workers * (s.gpus_per_worker or 1)
-    for key, amount in s.resources_per_worker.items():
-        need[key] = need.get(key, 0) + s.num_workers * amount
+    scaling, t = spec.scaling, spec.tune or TuneSection()
+    need = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        need["GPU"] = scaling.num_workers * (scaling.gpus_per_worker or 1)
+    for key, amount in scaling.resources_per_worker.items():
+        need[key] = need.get(key, 0) + scaling.num_workers * amount
     for key, amount in t.driver_resources.items():
         need[key] = need.get(key, 0) + amount
     fits = min(int(cluster.get(k, 0) // v) for k, v in need.items() if v > 0 and k != "memory")
@@ -374,11 +249,26 @@ def announce(line: str) -> None:
 
 
 class TrialLines(Callback):
-    """One line per finished, stopped or failed trial, instead of Tune's status table."""
+    """One line per evaluation of every trial (step/total, the metric, the trial's ETA), and
+    one per finished, stopped or failed trial, instead of Tune's status table."""
 
     def __init__(self, metric: str, total: int):
         self.metric = metric
         self.total = total
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        step, total = result.get("step"), result.get("total_steps")
+        if not step or not total:
+            return
+        elapsed = float(result.get("time_total_s", 0.0))
+        eta = elapsed / step * (total - step)
+        value = result.get(self.metric)
+        shown = f"{self.metric} {value:.4f}" if isinstance(value, float) else ""
+        announce(
+            f"  trial #{creation_order(trial)} {trial.config.get(ARM, '')} {params_text(trial.config)}: "
+            f"step {step}/{total} epoch {result.get('epoch', 0):.2f} {shown} "
+            f"({elapsed:.0f}s, ~{eta:.0f}s left)"
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._line(trials, trial, None)
@@ -392,10 +282,9 @@ class TrialLines(Callback):
         status = status or trial_status("TERMINATED", r)
         value = r.get(self.metric)
         shown = f"{self.metric} {value:.4f}" if isinstance(value, float) else "no result"
-        params = " ".join(f"{short(k)}={fmt(v)}" for k, v in ordered_params(trial.config))
         announce(
             f"trial {done}/{self.total} #{creation_order(trial)} {trial.config.get(ARM, '')} "
-            f"{params}: {status} at epoch {r.get('epoch', 0):.2f}, {shown}"
+            f"{params_text(trial.config)}: {status} at epoch {r.get('epoch', 0):.2f}, {shown}"
         )
 
 
@@ -411,6 +300,12 @@ def ordered_params(config: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(k, config[k]) for k in first + [k for k in config if k not in first and k != ARM]]
 
 
+def params_text(config: dict[str, Any]) -> str:
+    return " ".join(
+        f"{sweep_report.short(k)}={sweep_report.fmt(v)}" for k, v in ordered_params(config)
+    )
+
+
 def trial_status(tune_status: str, last: dict[str, Any]) -> str:
     """completed / stopped (by the scheduler) / failed / unfinished."""
     if tune_status == "ERROR":
@@ -420,39 +315,33 @@ def trial_status(tune_status: str, last: dict[str, Any]) -> str:
     return "completed" if last.get("step", 0) >= last.get("total_steps", math.inf) else "stopped"
 
 
-def short(key: str) -> str:
-    return {LAMBDA: "λ", LR: "lr"}.get(key, key)
-
-
-def fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
 # --------------------------------------------------------------------------- results
 
 
 def report_sweep(sweep: Sweep, plan: SearchPlan | None = None) -> SweepOutcome:
     """Collect every trial from Tune's experiment state; write CSV, plots, summary; print."""
-    from tether import sweep_report
-
-    t = sweep.spec.tune
+    t, mode, metric = sweep.spec.tune, sweep.mode, sweep.metric
     rows, curves = collect_trials(sweep)
-    keys = [LAMBDA, LR] + [k for k in t.space if k not in (LAMBDA, LR)]
-    best = sweep_report.pick_best(rows, t.mode)
-    best_anchored = sweep_report.pick_best([r for r in rows if r["arm"] == "anchored"], t.mode)
-    baseline_best = sweep_report.pick_best([r for r in rows if r["arm"] == "baseline"], t.mode)
+    keys = [LAMBDA, LR] + [k for k in sweep_space(sweep.spec) if k not in (LAMBDA, LR)]
+    best = sweep_report.pick_best(rows, mode)
+    best_anchored = sweep_report.pick_best([r for r in rows if r["arm"] == "anchored"], mode)
+    baseline_best = sweep_report.pick_best([r for r in rows if r["arm"] == "baseline"], mode)
+    if best is not None:
+        export_best_model(sweep, best)
     pruned = 0
     if t.keep_checkpoints == "best":
         keep = {r["trial_id"] for r in (best, best_anchored, baseline_best) if r}
         pruned = prune_checkpoints(sweep.dir, rows, keep)
     csv_path = sweep.dir / "trials.csv"
     sweep_report.write_csv(rows, keys, csv_path)
-    plots = sweep_report.write_plots(rows, curves, t.metric, sweep.dir / "plots")
+    plots = sweep_report.write_plots(rows, curves, metric, sweep.dir / "plots")
     summary = {
         "sweep_name": sweep.name,
         "sweep_dir": str(sweep.dir),
-        "metric": t.metric,
-        "mode": t.mode,
+        "task": sweep.task.name,
+        "metric": metric,
+        "mode": mode,
+        "ranking": "each trial by its best evaluation (its best checkpoint)",
         "trials": len(rows),
         "status_counts": {
             s: sum(r["status"] == s for r in rows)
@@ -464,12 +353,13 @@ def report_sweep(sweep: Sweep, plan: SearchPlan | None = None) -> SweepOutcome:
         "best_anchored": sweep_report.public(best_anchored),
         "baseline_best": sweep_report.public(baseline_best),
         "anchored_minus_baseline": sweep_report.difference(best_anchored, baseline_best),
+        "control": "the λ = 0 arm differs from anchored trials only in λ (and the searched lr)",
         "csv": str(csv_path),
         "plots": [str(p) for p in plots],
         "checkpoint_bytes_freed": pruned,
     }
     write_json(sweep.dir / "summary.json", summary)
-    print(sweep_report.format_table(rows, keys, t.metric, best), flush=True)
+    print(sweep_report.format_table(rows, keys, metric, best), flush=True)
     for line in sweep_report.verdict(summary):
         announce(line)
     if pruned:
@@ -480,6 +370,30 @@ def report_sweep(sweep: Sweep, plan: SearchPlan | None = None) -> SweepOutcome:
     if summary["status_counts"]["unfinished"]:
         announce(f"unfinished trials: continue with `tether tune ... --resume {sweep.name}`")
     return SweepOutcome(summary, rows, curves)
+
+
+def export_best_model(sweep: Sweep, row: dict[str, Any]) -> None:
+    """Give the best trial a model folder holding its best checkpoint's weights.
+
+    A trial that ran to the end exported its final weights; when its best evaluation came
+    earlier, or ASHA stopped it (no export at all), the model is exported from the best
+    checkpoint, so the registered model is the one whose score won.
+    """
+    from tether.run import export_checkpoint
+    from tether.sweep.trial import trial_spec
+
+    checkpoint = row.get("best_checkpoint")
+    if row.get("model_dir") and row.get("best_step") == row.get("step"):
+        row["model_from"] = "final"
+        return
+    if not checkpoint:
+        row["model_from"] = None
+        return
+    out = sweep.dir / "trials" / row["trial_id"] / "best_model"
+    if not (out / "tether.json").is_file():
+        spec = trial_spec(sweep.spec.to_dict(), row["config"])
+        export_checkpoint(spec, sweep.task, Path(checkpoint), out)
+    row["model_dir"], row["model_from"] = str(out), Path(checkpoint).name
 
 
 def prune_checkpoints(sweep_dir: Path, rows: list[dict[str, Any]], keep: set[str]) -> int:
@@ -497,15 +411,24 @@ def prune_checkpoints(sweep_dir: Path, rows: list[dict[str, Any]], keep: set[str
             if folder.is_dir():
                 freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
                 shutil.rmtree(folder, ignore_errors=True)
-        r["checkpoint"] = None
+        r["checkpoint"] = r["best_checkpoint"] = None
     return freed
 
 
+def best_evaluation(history: list[tuple[float, int, float]], mode: str) -> tuple[float, int] | None:
+    """(value, step) of the best (epoch, step, value) entry; ties go to the later one."""
+    scored = [(v, s) for _, s, v in history if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not scored:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(reversed(scored), key=lambda vs: sign * vs[0])
+
+
 def collect_trials(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, list]]:
-    """One row per trial (config, last metrics, status, artefacts) and its metric curve."""
+    """One row per trial (config, best and last metrics, status, artefacts), and its curve."""
     from ray.tune import ExperimentAnalysis
 
-    t = sweep.spec.tune
+    metric = sweep.metric
     analysis = ExperimentAnalysis(str(sweep.dir / "tune"))
     frames = analysis.trial_dataframes
     rows, curves = [], {}
@@ -516,6 +439,24 @@ def collect_trials(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, list]]
         finished = json.loads(done.read_text()) if done.is_file() else {}
         config = {k: v for k, v in trial.config.items() if k != ARM}
         effective = {LAMBDA: sweep.spec.objective.lam, LR: sweep.spec.optim.lr, **config}
+        frame = frames.get(trial.trial_id)  # keyed by id in Ray 2.60
+        history = []
+        if frame is not None and metric in frame and "epoch" in frame and "step" in frame:
+            history = list(
+                zip(
+                    frame["epoch"].tolist(),
+                    frame["step"].tolist(),
+                    frame[metric].tolist(),
+                    strict=True,
+                )
+            )
+            curves[trial.trial_id] = [(e, v) for e, _, v in history]
+        best = best_evaluation(history, sweep.mode)
+        best_checkpoint = run_dir / checkpoint_name(best[1]) if best else None
+        best_metrics = None
+        if best_checkpoint is not None and (best_checkpoint / STATE_FILE).is_file():
+            recorded = read_state(best_checkpoint)["metrics"]
+            best_metrics = {k: v for k, v in recorded.items() if k.startswith(("eval/", "train/"))}
         attempts = run_dir / ATTEMPTS_LOG
         rows.append(
             {
@@ -523,26 +464,29 @@ def collect_trials(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, list]]
                 "trial_id": trial.trial_id,
                 "arm": trial.config.get(ARM, "anchored"),
                 "config": effective,
-                "metric": last.get(t.metric),
+                "metric": best[0] if best else None,
+                "last_metric": last.get(metric),
+                "best_step": int(best[1]) if best else None,
+                "best_metrics": best_metrics,
                 "metrics": {k: v for k, v in last.items() if k.startswith(("eval/", "train/"))},
                 "epochs": float(last.get("epoch", 0.0)),
                 "step": last.get("step"),
                 "status": trial_status(trial.status, last),
                 "model_dir": finished.get("model_dir"),
-                "checkpoint": existing(finished.get("checkpoint") or last.get("checkpoint_path")),
+                "checkpoint": path_if_exists(
+                    finished.get("checkpoint") or last.get("checkpoint_path")
+                ),
+                "best_checkpoint": path_if_exists(
+                    str(best_checkpoint) if best_checkpoint else None
+                ),
                 "train_attempts": attempts.read_text().count(" train ")
                 if attempts.is_file()
                 else 0,
             }
         )
-        frame = frames.get(trial.trial_id)  # keyed by id in Ray 2.60
-        if frame is not None and t.metric in frame and "epoch" in frame:
-            curves[trial.trial_id] = list(
-                zip(frame["epoch"].tolist(), frame[t.metric].tolist(), strict=True)
-            )
     return rows, curves
 
 
-def existing(path: str | None) -> str | None:
+def path_if_exists(path: str | None) -> str | None:
     """``path`` if it is still on disk (a pruned checkpoint is not)."""
     return path if path and Path(path).exists() else None

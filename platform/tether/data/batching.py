@@ -1,0 +1,71 @@
+"""Which examples go into which batch, on which worker.
+
+Training: a ``DistributedSampler`` order per (seed, epoch), sharded so every rank gets the
+same number of batches. Evaluation: disjoint shards (no padded duplicates, so counts are
+exact) with the *same number of batches on every rank*; a rank with fewer examples repeats
+its last batch with weight 0. FSDP needs that: every rank must run the same forward passes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def epoch_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    group_by_length: bool = False,
+) -> list[np.ndarray]:
+    """This rank's batches for one epoch; every rank gets the same number of batches.
+
+    A DistributedSampler shuffles with (seed, epoch) and shards; with ``group_by_length``
+    each chunk of 50 batches is sorted by length so batches pad less, and the batches are then
+    shuffled so long and short ones interleave.
+    """
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(
+        range(len(lengths)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+    )
+    sampler.set_epoch(epoch)  # a new order every epoch, identical across ranks
+    order = np.fromiter(sampler, dtype=np.int64)
+    if group_by_length:
+        chunk = batch_size * 50
+        parts = [order[i : i + chunk] for i in range(0, len(order), chunk)]
+        order = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in parts])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        rng = np.random.default_rng([seed, epoch, rank])
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, grad_accum: int, world: int) -> int:
+    """Optimizer steps in one epoch, counted as the loop counts them (every rank agrees)."""
+    per_rank = math.ceil(num_examples / max(1, world))  # DistributedSampler pads to this
+    return math.ceil(math.ceil(per_rank / batch_size) / grad_accum)
+
+
+def eval_batches(
+    lengths: np.ndarray, batch_size: int, rank: int, world: int
+) -> list[tuple[np.ndarray, bool]]:
+    """(indices, counts) pairs for this rank's share of a split: equal batch counts per rank.
+
+    The shard is every world-th example, sorted by length (similar lengths pad less). Ranks
+    whose shard is shorter repeat their last batch with ``counts=False``: its forward pass
+    runs, its statistics are dropped.
+    """
+    mine = np.arange(rank, len(lengths), world)
+    mine = mine[np.argsort(lengths[mine], kind="stable")]
+    batches = [(mine[s : s + batch_size], True) for s in range(0, len(mine), batch_size)]
+    most = math.ceil(math.ceil(len(lengths) / world) / batch_size) if len(lengths) else 0
+    filler = batches[-1][0] if batches else np.arange(min(1, len(lengths)))
+    while len(batches) < most and len(filler):
+        batches.append((filler, False))
+    return batches

@@ -1,0 +1,37 @@
+"""tether's own generated datasets, so every task runs offline (smoke tests, not benchmarks).
+
+    sentiment  sequence-classification: {"text", "label"}            (synthetic/sentiment.py)
+    entities   token-classification:    {"tokens", "ner_tags"} IOB2  (synthetic/entities.py)
+    chat       causal-lm:               {"messages": [...]}          (synthetic/chat.py)
+
+Every generator is deterministic (``random.Random`` seeded per split, ordered containers only)
+and its validation split uses held-out phrasing or names that never occur in train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tether.synthetic.entities import ENTITY_TAGS, entity_examples
+from tether.synthetic.sentiment import LABEL_NAMES, sentiment_examples
+
+__all__ = ["LABEL_NAMES", "ENTITY_TAGS", "sentiment_examples", "entity_examples", "generate"]
+
+
+def _chat(split: str, n: int, seed: int = 0) -> list[dict]:
+    from tether.synthetic.chat import chat_examples
+
+    return chat_examples(split, n, seed)
+
+
+GENERATORS: dict[str, Callable[[str, int, int], list[dict]]] = {
+    "sentiment": sentiment_examples,
+    "entities": entity_examples,
+    "chat": _chat,
+}
+LABELS: dict[str, tuple[str, ...]] = {"sentiment": LABEL_NAMES, "entities": ENTITY_TAGS}
+
+
+def generate(name: str, split: str, n: int, seed: int = 0) -> list[dict]:
+    """``n`` examples of the named synthetic dataset's ``split`` ('train' or 'validation')."""
+    return GENERATORS[name](split, n, seed)

@@ -1,0 +1,85 @@
+"""What a task's predictor looks like to the serving core and to the MLflow pyfunc.
+
+A predictor turns a validated request body into *items* (one text, one sentence, one question
+with its context), and a list of items into predictions with one batched forward pass per
+chunk. The serving core owns the HTTP contract (limits, errors, batching across requests);
+the predictor owns everything task-shaped: the request and prediction schemas (so
+``/openapi.json`` tells the truth for the served model), pre- and post-processing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Protocol
+
+import torch
+from pydantic import BaseModel
+
+DEFAULT_MAX_BATCH_TOKENS = 16384  # padded tokens per forward pass (32 texts × 512)
+
+
+class Predictor(Protocol):
+    Request: type[BaseModel]  # the POST /v1/predict body
+    Prediction: type[BaseModel]  # one result per item
+    max_length: int
+    labels: list[str]
+
+    def items(self, request: BaseModel) -> list[Any]:
+        """The independent units of a request (each may share a batch with other requests)."""
+        ...
+
+    def item_length(self, item: Any) -> int:
+        """Characters in an item, checked against the server's per-item limit."""
+        ...
+
+    def predict(self, items: list[Any]) -> list[BaseModel]: ...
+
+    def frame_items(self, column: list[Any]) -> list[Any]:
+        """Items from the first column of a pyfunc DataFrame (MLflow's predict)."""
+        ...
+
+    def example(self) -> dict[str, Any]:
+        """A request body for the docs and the pyfunc input example."""
+        ...
+
+
+def length_sorted_chunks(input_ids: list[list[int]], max_batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into forward passes of at most ``max_batch_tokens`` padded tokens.
+
+    Sorted by length first, so one long text pads only the chunk of long texts, not every
+    short text of the batch.
+    """
+    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
+    chunks: list[list[int]] = []
+    for i in order:
+        # sorted ascending: the text being added is the longest of its chunk
+        if chunks and (len(chunks[-1]) + 1) * len(input_ids[i]) <= max_batch_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantization of every Linear (CPU inference; weights int8, activations fp32)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao but still works in 2.13
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def served_max_length(card: dict[str, Any], tokenizer, config) -> int:
+    """The card's max_length (what the model was trained on), else what the model can take."""
+    if card.get("max_length"):
+        return int(card["max_length"])
+    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512), 512]
+    return int(min(limits))
+
+
+def load_for_inference(task, model_dir, quantize: bool):
+    """Tokenizer and eval-mode model of an exported folder (safetensors, no remote code)."""
+    tokenizer = task.load_tokenizer(str(model_dir), None, False)
+    model = task.load_model(str(model_dir), None, False).model.eval()
+    return tokenizer, (quantize_linear_int8(model) if quantize else model)

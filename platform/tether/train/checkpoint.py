@@ -1,0 +1,174 @@
+"""Checkpoint layout, written at every evaluation and read on resume.
+
+    checkpoint_000040/
+      model.safetensors    weights (rank 0)
+      optimizer.pt         AdamW state (rank 0; tensors only, loaded with weights_only=True)
+      trainer_state.json   step, scheduler state, metrics, anchor identity (base + θ* hash),
+                           and that every DDP replica held the same weights when it was written
+      rng_rank{r}.pt       each worker's torch RNG (dropout), so a resumed run continues exactly
+      worker_rank{r}.json  the node, host and pid each worker ran on
+      model/               only in the final checkpoint: the HF model + tokenizer + job.yaml +
+                           tether.json (the model card)
+
+θ* itself is never stored: a resumed run rebuilds it from the base model and refuses to go on
+if its hash differs from the one recorded here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from tether.card import write_card
+from tether.errors import AnchorMismatch
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+HF_MODEL_DIR = "model"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{int(step):06d}"
+
+
+def save_training_state(
+    directory: Path,
+    rank: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    worker: dict[str, Any] | None = None,
+) -> None:
+    """Write this rank's share of a checkpoint (rank 0 writes the shared part)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if worker is not None:
+        (directory / f"worker_rank{rank}.json").write_text(json.dumps(worker))
+    torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
+    if rank != 0:
+        return
+    save_model(model, str(directory / MODEL_FILE))
+    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def load_training_state(
+    directory: Path,
+    rank: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    theta_star_hash: str,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG in place; return the trainer state (step, ...).
+
+    Tensors load straight onto this worker's device: without ``map_location`` every rank of a
+    multi-GPU node would first materialise rank 0's Adam state on GPU 0.
+    """
+    state = read_state(directory)
+    recorded = state.get("anchor", {}).get("theta_star_sha256")
+    if recorded != theta_star_hash:
+        raise AnchorMismatch(
+            f"checkpoint {directory} was trained against θ* {recorded}, but the base model now "
+            f"gives {theta_star_hash}: the base weights changed, refusing to resume"
+        )
+    missing, unexpected = load_model(
+        model, str(directory / MODEL_FILE), strict=False, device=str(device)
+    )
+    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        raise RuntimeError(f"checkpoint {directory} does not fit the model: {missing} {unexpected}")
+    optimizer.load_state_dict(
+        torch.load(directory / OPTIMIZER_FILE, weights_only=True, map_location=device)
+    )
+    rng_file = directory / f"rng_rank{rank}.pt"
+    if rng_file.is_file():  # absent when resuming on more workers than wrote it
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / STATE_FILE).read_text())
+
+
+def export_hf_model(
+    model, tokenizer, job: dict[str, Any], card: dict[str, Any], directory: Path
+) -> None:
+    """The deliverable: save_pretrained (safetensors) + tokenizer + job.yaml + tether.json."""
+    import yaml
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+    write_card(directory, card)
+
+
+def model_card(
+    job_name: str, task_block: dict[str, Any], task, anchor: dict[str, Any], metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """tether.json for an export: the task block, the objective and the eval metrics."""
+    return task_block | {
+        "name": job_name,
+        "objective": anchor,
+        "metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")},
+        "step": metrics.get("step"),
+        "primary_metric": task.primary_metric,
+        "mode": task.mode,
+    }
+
+
+# --------------------------------------------------------------------------- a run's folders
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint folders, oldest first."""
+    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def best_checkpoint(run_dir: Path, metric: str, mode: str) -> tuple[Path, dict] | None:
+    """The checkpoint whose recorded ``metric`` is best (ties: the later one), with metrics."""
+    best = None
+    sign = 1.0 if mode == "max" else -1.0
+    for path in checkpoints(run_dir):
+        metrics = read_state(path).get("metrics", {})
+        value = metrics.get(metric)
+        if isinstance(value, (int, float)) and (best is None or sign * value >= sign * best[2]):
+            best = (path, metrics, value)
+    return (best[0], best[1]) if best else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int, metric: str, mode: str) -> None:
+    """Keep the best ``keep`` checkpoints by ``metric`` plus the latest (local mode; Ray
+    Train does this itself for runs on workers)."""
+    found = checkpoints(run_dir)
+    if len(found) <= keep + 1:
+        return
+    sign = 1.0 if mode == "max" else -1.0
+
+    def score(path: Path) -> float:
+        value = read_state(path).get("metrics", {}).get(metric)
+        return sign * value if isinstance(value, (int, float)) else -float("inf")
+
+    ranked = sorted(found[:-1], key=score, reverse=True)
+    for path in ranked[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

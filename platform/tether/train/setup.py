@@ -1,0 +1,233 @@
+"""Setting up one worker's run: model, θ*, optimizer, schedule, resume. The loop itself is in
+``tether.train.loop``; everything here runs once, before the first step."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tether.anchor import Anchor, anchored_parameters, build_anchor, weights_hash
+from tether.config import JobSpec
+from tether.data import PreparedData, steps_per_epoch
+from tether.models import freeze_parameters, resolve_model_source
+from tether.tasks import Task
+from tether.train.checkpoint import load_training_state
+from tether.train.strategy import Strategy
+
+_AUTOCAST = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
+
+@dataclass
+class Plan:
+    """How long the run is and when it evaluates, in optimizer steps (every rank agrees)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    eval_interval: int
+
+    def is_eval_step(self, step: int) -> bool:
+        return step % self.eval_interval == 0 or step == self.total_steps
+
+
+def make_plan(spec: JobSpec, num_examples: int, world: int) -> Plan:
+    per_epoch = steps_per_epoch(
+        num_examples, spec.train.batch_size, spec.train.grad_accum_steps, world
+    )
+    total = spec.train.max_steps or spec.train.epochs * per_epoch
+    return Plan(per_epoch, total, spec.train.eval_interval or per_epoch)
+
+
+@dataclass
+class Setup:
+    """One worker's model, anchor and optimizer state, ready for the first (or next) step."""
+
+    model: torch.nn.Module  # wrapped by the strategy (DDP)
+    trainable: list[torch.nn.Parameter]
+    anchor: Anchor | None
+    theta_star_hash: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    plan: Plan
+    start_step: int
+    tokenizer_source: str
+    tokenizer: Any  # the task's tokenizer (generation, export)
+
+
+def set_up(
+    spec: JobSpec, task: Task, data: PreparedData, strategy: Strategy, resume_dir: Path | None
+) -> Setup:
+    source = resolve_model_source(spec.model.name)
+    loaded = task.load_model(source, spec.model.revision, spec.model.trust_remote_code)
+    model = loaded.model.to(strategy.device)
+    if spec.train.gradient_checkpointing:
+        # non-reentrant: works with DDP's no_sync and with frozen inputs
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    freeze_parameters(
+        model, spec.model.freeze, spec.model.freeze_embeddings, spec.model.freeze_layers
+    )
+    anchored = anchored_parameters(model, loaded.new_param_names)
+    anchor = build_anchor(
+        anchored, spec.objective.lam, spec.objective.mode, spec.objective.anchor_dtype
+    )
+    theta_star_hash = weights_hash(anchored)
+    optimizer = torch.optim.AdamW(
+        param_groups(
+            model,
+            {n for n, _ in anchored},
+            spec.optim.lr,
+            spec.optim.weight_decay,
+            spec.optim.new_param_lr_scale,
+            decay_anchored=spec.optim.decay_anchored,
+        ),
+        lr=spec.optim.lr,
+        betas=spec.optim.betas,
+        eps=spec.optim.eps,
+        # one fused kernel instead of a per-tensor loop: 127 → 9 ms per step on MiniLM, CPU
+        fused=strategy.device.type in ("cpu", "cuda"),
+    )
+    plan = make_plan(spec, len(data.train), strategy.world)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lr_schedule(
+            spec.optim.scheduler,
+            round(spec.optim.warmup_ratio * plan.total_steps),
+            plan.total_steps,
+        ),
+    )
+    start_step = 0
+    if resume_dir is not None:
+        state = load_training_state(
+            resume_dir, strategy.rank, model, optimizer, theta_star_hash, strategy.device
+        )
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+    precision = resolve_precision(spec.train.precision, strategy.device)
+    return Setup(
+        model=strategy.wrap(model),
+        trainable=[p for p in model.parameters() if p.requires_grad],
+        anchor=anchor,
+        theta_star_hash=theta_star_hash,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(strategy.device.type, enabled=precision == "fp16-mixed"),
+        autocast=torch.autocast(
+            strategy.device.type, dtype=_AUTOCAST[precision], enabled=precision != "fp32"
+        ),
+        plan=plan,
+        start_step=start_step,
+        tokenizer_source=source,
+        tokenizer=task.load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code),
+    )
+
+
+# --------------------------------------------------------------------------- optimizer pieces
+
+
+def param_groups(
+    model: torch.nn.Module,
+    anchored_names: set[str],
+    lr: float,
+    weight_decay: float,
+    new_param_lr_scale: float,
+    decay_anchored: bool,
+) -> list[dict[str, Any]]:
+    """AdamW groups: anchored parameters first (their lr drives the decoupled pull).
+
+    Pretrained (anchorable) parameters get no decay toward zero unless ``decay_anchored``,
+    at every λ: it would pull against θ*, and the λ = 0 control arm must differ from an
+    anchored run only in λ. New parameters (the head) get ordinary decay and may get a
+    higher lr; biases and norms never decay, as usual for transformers.
+    """
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_anchored = name in anchored_names
+        no_decay = p.ndim < 2 or "norm" in name.lower()
+        decays = not no_decay and (decay_anchored or not is_anchored)
+        groups.setdefault((is_anchored, decays), []).append(p)
+    out = []
+    for is_anchored, decays in sorted(groups, key=lambda k: (not k[0], not k[1])):
+        scale = 1.0 if is_anchored else new_param_lr_scale
+        out.append(
+            {
+                "params": groups[(is_anchored, decays)],
+                "lr": lr * scale,
+                "lr_scale": scale,
+                "weight_decay": weight_decay if decays else 0.0,
+            }
+        )
+    return out
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """This step's scheduled peak-relative lr (the anchored group's: it drives the pull)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group["lr_scale"]
+
+
+def lr_schedule(kind: str, warmup_steps: int, total_steps: int):
+    """Multiplier on the peak lr at each step: linear warm-up, then linear/cosine/constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16-mixed" if device.type == "cuda" else "fp32"
+    return precision
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+class TrainStats:
+    """Training statistics since the last evaluation, kept on device (no sync per batch)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.units = torch.zeros((), dtype=torch.float64, device=device)
+        self.examples = 0
+        self.grad_norm_sum = 0.0
+        self.steps = 0
+        self.lr = 0.0
+        self.start = time.perf_counter()
+
+    def add_batch(self, loss_sum: torch.Tensor, units: torch.Tensor, examples: int) -> None:
+        self.loss_sum += loss_sum.detach().double()
+        self.units += units.double()
+        self.examples += examples
+
+    def add_step(self, grad_norm: float, lr: float) -> None:
+        self.grad_norm_sum += grad_norm
+        self.steps += 1
+        self.lr = lr
+
+    def summary(self, strategy: Strategy) -> dict[str, float]:
+        """Means over all workers: the loss per labelled unit; samples/s counts every worker."""
+        elapsed = time.perf_counter() - self.start
+        examples = torch.tensor(float(self.examples), dtype=torch.float64, device=self.units.device)
+        stats = strategy.all_reduce_sum(torch.stack([self.loss_sum, self.units, examples]).cpu())
+        return {
+            "train/fine_loss": float(stats[0] / max(float(stats[1]), 1.0)),
+            "train/grad_norm": self.grad_norm_sum / max(self.steps, 1),
+            "train/lr": self.lr,
+            "train/samples_per_s": float(stats[2]) / max(elapsed, 1e-9),
+        }

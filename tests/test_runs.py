@@ -1,0 +1,231 @@
+"""Run and sweep correctness: a run folder holds one run, finished runs are not redone, local
+mode resumes, the sweep ranks and registers comparable trials (in-process, no cluster)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tether.config import validate_job
+from tether.errors import RunIdentityError
+from tether.run import default_run_name, run_training
+from tether.sweep import report as sweep_report
+from tether.sweep.search import sweep_metric, sweep_space
+from tether.train.checkpoint import checkpoints, read_state
+
+from .helpers import make_tiny_job
+
+
+def local_job(model_dir, easy_csv, root: Path, db: Path | None = None, **sections) -> dict:
+    tracking = {"uri": f"sqlite:///{db}", "experiment": "runs"} if db else {"enabled": False}
+    job = make_tiny_job(
+        model_dir,
+        easy_csv,
+        root / "runs",
+        scaling={"num_workers": 0},
+        train={"epochs": 1, "eval_interval": 5, "keep_checkpoints": 10},
+        tracking=tracking,
+        storage={"run_name": "x"},
+    )
+    for section, values in sections.items():
+        job[section] = {**job.get(section, {}), **values}
+    return job
+
+
+def mlflow_runs(db: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("runs")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, easy_csv, tmp_path_factory):
+    """One finished, tracked local run named x at λ = 0.01."""
+    root = tmp_path_factory.mktemp("finished")
+    db = root / "mlflow.db"
+    job = local_job(tiny_model_dir, easy_csv, root, db)
+    return job, db, run_training(validate_job(job))
+
+
+def test_reusing_a_finished_run_name_with_another_lambda_is_refused(finished):
+    """λ = 0.5 on run x (finished at λ = 0.01) names the key and opens no MLflow run."""
+    job, db, _ = finished
+    before = len(mlflow_runs(db))
+    changed = json.loads(json.dumps(job))
+    changed["objective"]["lambda"] = 0.5
+    with pytest.raises(RunIdentityError, match=r"objective.lambda: 0.01 → 0.5"):
+        run_training(validate_job(changed))
+    assert len(mlflow_runs(db)) == before
+
+
+def test_a_finished_run_is_not_trained_again(finished):
+    """The same spec again: the stored summary comes back, nothing trains, no new MLflow run."""
+    job, db, first = finished
+    before = len(mlflow_runs(db))
+    again = run_training(validate_job(job))
+    assert again.summary["already_finished"] is True
+    assert again.result is None
+    assert again.summary["mlflow_run_id"] == first.summary["mlflow_run_id"]
+    assert len(mlflow_runs(db)) == before
+
+
+def test_more_epochs_on_a_finished_run_need_an_explicit_allow(finished, tmp_path):
+    """train.epochs is a safe change, but only with allow_changes; others never are."""
+    job, _, _ = finished
+    longer = json.loads(json.dumps(job))
+    longer["train"]["epochs"] = 2
+    with pytest.raises(RunIdentityError, match="--allow-change"):
+        run_training(validate_job(longer))
+    with pytest.raises(RunIdentityError, match="cannot change on resume"):
+        run_training(validate_job(longer), allow_changes=("optim.lr",))
+
+
+def test_default_run_names_are_unique_within_a_second(tiny_job):
+    """Two jobs started in the same second get different run folders."""
+    spec = validate_job(tiny_job)
+    names = {default_run_name(spec) for _ in range(20)}
+    assert len(names) == 20
+
+
+class FailAt:
+    """LoopHooks: raise once at ``step`` (an in-process run: the driver's fit fails)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_step(self, step: int, rank: int, world: int) -> None:
+        if step == self.step:
+            raise RuntimeError(f"test failure at step {step}")
+
+
+def test_local_mode_resumes_from_its_last_checkpoint_with_the_same_result(
+    tiny_model_dir, easy_csv, tmp_path
+):
+    """A local run that dies at step 12 resumes from checkpoint 10 and ends where an
+    uninterrupted run ends."""
+    ref = run_training(validate_job(local_job(tiny_model_dir, easy_csv, tmp_path / "ref")))
+    job = local_job(tiny_model_dir, easy_csv, tmp_path / "crash")
+    with pytest.raises(RuntimeError, match="test failure at step 12"):
+        run_training(validate_job(job), hooks=FailAt(12))
+    run_dir = Path(job["storage"]["path"]) / "x"
+    assert [c.name for c in checkpoints(run_dir)] == ["checkpoint_000005", "checkpoint_000010"]
+    resumed = run_training(validate_job(job))
+    assert resumed.result.metrics["resumed_from_step"] == 10
+    for key in ("eval/accuracy", "eval/loss", "train/drift_l2"):
+        assert resumed.summary["metrics"][key] == pytest.approx(
+            ref.summary["metrics"][key], rel=1e-6
+        )
+
+
+def test_local_mode_keeps_the_best_checkpoints_plus_the_latest(
+    finished, tiny_model_dir, easy_csv, tmp_path
+):
+    """keep_checkpoints=2 in local mode: the two best by accuracy, and the last one, remain."""
+    _, _, every = finished  # the same training, with every checkpoint kept
+    scores = {
+        c.name: read_state(c)["metrics"]["eval/accuracy"]
+        for c in checkpoints(Path(every.summary["run_dir"]))
+    }
+    latest = max(scores)
+    top2 = sorted((n for n in scores if n != latest), key=lambda n: (scores[n], n))[-2:]
+    job = local_job(tiny_model_dir, easy_csv, tmp_path, train={"keep_checkpoints": 2})
+    outcome = run_training(validate_job(job))
+    kept = {c.name for c in checkpoints(Path(outcome.summary["run_dir"]))}
+    assert kept == {latest, *top2}
+
+
+def test_lambda_zero_control_differs_only_in_lambda(tiny_job):
+    """The λ = 0 run keeps pretrained weights free of weight decay, like the anchored run."""
+    from tether.train.setup import param_groups
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    anchored = {"0.weight", "0.bias"}
+    spec = validate_job(tiny_job)
+    groups = param_groups(net, anchored, 1e-3, 0.1, 1.0, decay_anchored=spec.optim.decay_anchored)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(net[0].weight)]["weight_decay"] == 0.0
+    assert by_param[id(net[1].weight)]["weight_decay"] == 0.1
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def test_sweep_metric_and_direction_come_from_the_task(tiny_job):
+    """Default metric: the task's primary, in its direction; a loss is minimised."""
+    spec = validate_job(tiny_job | {"tune": {}})
+    assert sweep_metric(spec) == ("eval/accuracy", "max")
+    spec = validate_job(tiny_job | {"tune": {"metric": "eval/loss"}})
+    assert sweep_metric(spec) == ("eval/loss", "min")
+    ner = validate_job(
+        tiny_job
+        | {
+            "model": {"name": tiny_job["model"]["name"], "task": "token-classification"},
+            "data": {"train": "synthetic:entities"},
+            "tune": {},
+        }
+    )
+    assert sweep_metric(ner) == ("eval/entity_f1", "max")
+
+
+def test_decoupled_mode_searches_lambdas_where_the_pull_acts(tiny_job):
+    """The default λ range depends on the mode: decoupled λ multiplies lr in the pull."""
+    coupled = sweep_space(validate_job(tiny_job | {"tune": {}}))
+    job = tiny_job | {"objective": {"mode": "decoupled"}, "tune": {}}
+    decoupled = sweep_space(validate_job(job))
+    assert coupled["objective.lambda"].high == 0.1
+    assert decoupled["objective.lambda"].low >= 1.0
+
+
+def test_trials_are_ranked_by_their_best_evaluation_including_stopped_ones():
+    """A trial ASHA stopped at its peak beats a completed one that overfit later."""
+    rows = [
+        {"trial_id": "a", "metric": 0.80, "status": "completed"},  # peaked 0.80, ended 0.70
+        {"trial_id": "b", "metric": 0.86, "status": "stopped"},
+        {"trial_id": "c", "metric": 0.86, "status": "completed"},
+        {"trial_id": "d", "metric": None, "status": "failed"},
+    ]
+    assert sweep_report.pick_best(rows, "max")["trial_id"] == "c"  # ties: the completed one
+    assert sweep_report.pick_best(rows[:2], "max")["trial_id"] == "b"
+    losses = [
+        {"trial_id": "x", "metric": 0.3, "status": "completed"},
+        {"trial_id": "y", "metric": 0.2, "status": "stopped"},
+    ]
+    assert sweep_report.pick_best(losses, "min")["trial_id"] == "y"
+
+
+def test_a_stopped_best_trial_gets_a_model_from_its_best_checkpoint(finished, tmp_path):
+    """The best trial without an export gets one, holding its best checkpoint's weights."""
+    from safetensors.torch import load_file
+
+    from tether.sweep.runner import Sweep, export_best_model
+    from tether.tasks import build_task
+
+    job, _, outcome = finished
+    spec = validate_job(job | {"tune": {}})
+    run_dir = Path(outcome.summary["run_dir"])
+    sweep_dir = tmp_path / "sweep"
+    trial_dir = sweep_dir / "trials" / "t1"
+    trial_dir.mkdir(parents=True)
+    checkpoint = run_dir / "checkpoint_000010"
+    task = build_task(spec, outcome.summary["label_names"])
+    sweep = Sweep(spec, "s", sweep_dir, task, None, False)
+    row = {
+        "trial_id": "t1",
+        "config": {},
+        "model_dir": None,
+        "best_step": 10,
+        "step": 10,
+        "best_checkpoint": str(checkpoint),
+    }
+    export_best_model(sweep, row)
+    out = Path(row["model_dir"])
+    card = json.loads((out / "tether.json").read_text())
+    assert card["step"] == 10 and card["exported_from"] == "checkpoint_000010"
+    exported = load_file(out / "model.safetensors")
+    trained = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(exported[k], trained[k]) for k in exported)
