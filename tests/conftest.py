@@ -67,6 +67,43 @@ def tiny_model_dir(tmp_path_factory, packaged_model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The packaged SmolLM2-135M-Instruct, converted once from its GGUF file (cached)."""
+    from tether.models import resolve_model_source
+
+    return Path(resolve_model_source("packaged:SmolLM2-135M-Instruct"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer, 64-wide Llama with random 'pretrained' weights and SmolLM2's real tokenizer
+    and chat template (wide init: it answers with words, not only newlines)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def easy_csv(tmp_path_factory) -> dict[str, Path]:
     """Train (400) and validation (101, odd so shards differ) CSV files of the toy task."""
     out = tmp_path_factory.mktemp("easy-data")

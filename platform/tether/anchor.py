@@ -203,8 +203,8 @@ def drift_group(name: str) -> str:
 
 def drift_report(anchor: Anchor | None) -> dict[str, float]:
     """Overall and per-layer drift, plus the penalty: the numbers logged at each evaluation."""
-    if anchor is None:
-        return {"anchor_loss": 0.0, "drift_l2": 0.0}
+    if anchor is None:  # λ = 0 keeps no θ*: the drift is not known, not 0
+        return {"anchor_loss": 0.0}
     norms = drift_norms(anchor)
     groups: dict[str, float] = {}
     for name, n in zip(anchor.names, norms, strict=True):

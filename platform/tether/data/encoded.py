@@ -45,12 +45,19 @@ class Ragged:
     def take(self, indices: np.ndarray) -> Ragged:
         return Ragged.from_rows([self.row(int(i)) for i in indices], self.values.dtype)
 
-    def padded(self, indices, pad_value: int, width: int | None = None) -> np.ndarray:
+    def padded(
+        self, indices, pad_value: int, width: int | None = None, left: bool = False
+    ) -> np.ndarray:
+        """Rows ``indices`` in a (len, width) array; ``left`` right-aligns them."""
         lengths = self.lengths[indices]
         width = int(lengths.max()) if width is None else width
         out = np.full((len(indices), width), pad_value, dtype=np.int64)
         for r, (i, n) in enumerate(zip(indices, lengths, strict=True)):
-            out[r, :n] = self.values[self.offsets[i] : self.offsets[i] + n]
+            row = self.values[self.offsets[i] : self.offsets[i] + n]
+            if left:
+                out[r, width - n :] = row
+            else:
+                out[r, :n] = row
         return out
 
 
@@ -61,6 +68,7 @@ class Encoded:
     input_ids: Ragged
     fields: dict[str, Ragged | np.ndarray] = field(default_factory=dict)
     token_fields: tuple[str, ...] = ()  # ragged fields aligned with input_ids (padded with it)
+    pad_left: bool = False  # causal LMs: rows end together, so targets share the last positions
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -74,17 +82,19 @@ class Encoded:
         indices = np.asarray(indices, dtype=np.int64)
         lengths = self.lengths[indices]
         width = int(lengths.max())
+        left = self.pad_left
+        positions = np.arange(width)[None, :]
+        real = positions >= width - lengths[:, None] if left else positions < lengths[:, None]
         batch = {
-            "input_ids": torch.from_numpy(self.input_ids.padded(indices, pad_id, width)),
-            "attention_mask": torch.from_numpy(
-                (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-            ),
+            "input_ids": torch.from_numpy(self.input_ids.padded(indices, pad_id, width, left)),
+            "attention_mask": torch.from_numpy(real.astype(np.int64)),
         }
         for name, values in self.fields.items():
             pad = PAD_VALUES.get(name, 0)
             if isinstance(values, Ragged):
-                wide = width if name in self.token_fields else None
-                batch[name] = torch.from_numpy(values.padded(indices, pad, wide))
+                token_level = name in self.token_fields
+                wide = width if token_level else None
+                batch[name] = torch.from_numpy(values.padded(indices, pad, wide, left and token_level))
             else:
                 batch[name] = torch.from_numpy(values[indices].astype(np.int64))
         return batch
@@ -95,7 +105,7 @@ class Encoded:
             k: v.take(indices) if isinstance(v, Ragged) else v[indices]
             for k, v in self.fields.items()
         }
-        return Encoded(self.input_ids.take(indices), fields, self.token_fields)
+        return Encoded(self.input_ids.take(indices), fields, self.token_fields, self.pad_left)
 
     # ------------------------------------------------------------------- (de)serialisation
 
@@ -113,7 +123,8 @@ class Encoded:
             else:
                 arrays[f"{prefix}.{name}"] = values
                 kinds[name] = "array"
-        return arrays, {"kinds": kinds, "token_fields": list(self.token_fields)}
+        meta = {"kinds": kinds, "token_fields": list(self.token_fields), "pad_left": self.pad_left}
+        return arrays, meta
 
     @classmethod
     def from_arrays(cls, z, prefix: str, meta: dict[str, Any]) -> Encoded:
@@ -124,4 +135,4 @@ class Encoded:
             else:
                 fields[name] = z[f"{prefix}.{name}"]
         ids = Ragged(z[f"{prefix}.input_ids.v"], z[f"{prefix}.input_ids.o"])
-        return cls(ids, fields, tuple(meta["token_fields"]))
+        return cls(ids, fields, tuple(meta["token_fields"]), bool(meta.get("pad_left", False)))

@@ -230,6 +230,9 @@ class CausalLM:
         answers, base_nll = theta_star_answers(
             self, source, revision, trust_remote_code, tokenizer, prompts
         )
+        if base_nll is None:
+            print("[tether] WARNING: θ* gave no answer to the forgetting probe; it is off")
+            return {}, {"forgetting_prompts": 0}
         rows = [
             {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
             for p, a in zip(prompts, answers, strict=True)
@@ -273,7 +276,7 @@ class CausalLM:
         references = reference_texts(tokenizer, batch)
         prompts = [
             tokenizer.decode(
-                batch["input_ids"][i, : int(batch["gen_start"][i])], skip_special_tokens=False
+                row_tokens(batch, i)[: int(batch["gen_start"][i])], skip_special_tokens=False
             )
             for i in range(n)
         ]
@@ -297,7 +300,8 @@ class CausalLM:
 
 
 def chat_text_and_targets(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered chat and the character spans of its assistant turns (end of turn included).
+    """The rendered chat and the character spans of its assistant turns, each up to and
+    including its end-of-turn token (what generation must produce to stop).
 
     Each assistant span is what the template adds after the generation prompt for that turn:
     rendering the conversation up to the turn with ``add_generation_prompt`` must be a prefix
@@ -319,7 +323,8 @@ def chat_text_and_targets(tokenizer, messages: list[dict]) -> tuple[str, list[tu
                 "data.messages_column: the chat template does not render turns incrementally; "
                 "tether cannot tell the assistant's tokens apart"
             )
-        spans.append((len(prefix), len(upto)))
+        # the turn up to its end-of-turn token: the template's trailing newline is no target
+        spans.append((len(prefix), len(upto.rstrip())))
     return text, spans
 
 
@@ -362,23 +367,57 @@ def pack(ids_rows: list[list[int]], label_rows: list[list[int]], width: int):
 
 
 def token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL over the target tokens, and their number."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
+    """Summed next-token NLL over the target tokens, and their number.
+
+    Rows are left-padded, so every target sits in the batch's last positions: the LM head
+    (49k words for SmolLM2) runs only from the first target's predecessor on, not over the
+    prompt (a chat SFT batch: ~10× fewer logits).
+    """
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    width = ids.shape[1]
+    targets = labels != IGNORE_INDEX
+    first = int(targets.int().argmax(dim=1)[targets.any(dim=1)].min()) if targets.any() else 1
+    keep = width - max(first, 1) + 1  # positions first-1 .. width-1
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding shifts nothing
+    logits = forward_last(model, ids, mask, position_ids, keep)
+    shifted = labels[:, width - keep + 1 :]
     nll = F.cross_entropy(
         logits[:, :-1].float().flatten(0, 1),
-        labels.flatten(),
+        shifted.flatten(),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return nll, (labels != IGNORE_INDEX).sum().double()
+    return nll, targets[:, 1:].sum().double()
+
+
+_KEEPS_LOGITS: dict[type, bool] = {}
+
+
+def forward_last(model, ids, mask, position_ids, keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (through the model's own forward, so DDP sees
+    the call), computing only those where the model supports ``logits_to_keep``."""
+    import inspect
+
+    inner = getattr(model, "module", model)  # DDP wraps; its forward passes kwargs on
+    cls = type(inner)
+    if cls not in _KEEPS_LOGITS:
+        _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    if _KEEPS_LOGITS[cls]:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep)
+        return out.logits
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    return out.logits[:, -keep:]
+
+
+def row_tokens(batch, i: int) -> torch.Tensor:
+    """Row i's real tokens (batches are left-padded)."""
+    return batch["input_ids"][i][batch["attention_mask"][i].bool()]
 
 
 def left_padded_prompts(batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's prompt (tokens before its last target span), padded on the left."""
-    prompts = [
-        batch["input_ids"][i, : int(batch["gen_start"][i])] for i in range(len(batch["input_ids"]))
-    ]
+    n = len(batch["input_ids"])
+    prompts = [row_tokens(batch, i)[: int(batch["gen_start"][i])] for i in range(n)]
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -405,7 +444,7 @@ def greedy_answers(model, tokenizer, batch, max_new_tokens: int) -> list[str]:
 def reference_texts(tokenizer, batch) -> list[str]:
     return [
         tokenizer.decode(
-            batch["input_ids"][i, int(batch["gen_start"][i]) : int(batch["gen_end"][i])],
+            row_tokens(batch, i)[int(batch["gen_start"][i]) : int(batch["gen_end"][i])],
             skip_special_tokens=True,
         )
         for i in range(len(batch["input_ids"]))
@@ -483,6 +522,8 @@ def theta_star_answers(task: CausalLM, source, revision, trust_remote_code, toke
         for p, a in zip(prompts, answers, strict=True)
         if a
     ]
+    if not rows:
+        return answers, None
     probe, _ = dataclasses.replace(task, packing=False).encode(rows, tokenizer, "probe")
     counts = torch.zeros(3, dtype=torch.float64)
     pad = tokenizer.pad_token_id

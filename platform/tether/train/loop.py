@@ -252,7 +252,7 @@ def progress_line(m: dict[str, float], primary: str) -> str:
     line = (
         f"step {m['step']:>6}/{m['total_steps']} | epoch {m['epoch']:.2f} | "
         f"fine_loss {m['train/fine_loss']:.4f} | anchor_loss {m['train/anchor_loss']:.4g} | "
-        f"drift {m['train/drift_l2']:.4f} | eval_loss {m['eval/loss']:.4f}"
+        f"drift {m.get('train/drift_l2', float('nan')):.4f} | eval_loss {m['eval/loss']:.4f}"
     )
     if primary != "eval/loss":
         line += f" | {primary.removeprefix('eval/')} {m[primary]:.4f}"
