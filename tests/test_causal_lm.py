@@ -14,8 +14,6 @@ from tether.config import validate_job
 from tether.errors import DataError
 from tether.tasks.causal_lm import CausalLM
 
-from .helpers import prepare
-
 
 def lm_job(model_dir: Path, source: str, root: Path, **sections) -> dict:
     job = {
@@ -25,7 +23,12 @@ def lm_job(model_dir: Path, source: str, root: Path, **sections) -> dict:
         "objective": {"lambda": 0.0},
         "optim": {"lr": 3e-3, "warmup_ratio": 0.0},
         "train": {"epochs": 1, "batch_size": 8, "eval_interval": 10, "seed": 1},
-        "eval": {"generate_examples": 8, "max_new_tokens": 10, "samples": 0, "probe_max_new_tokens": 12},
+        "eval": {
+            "generate_examples": 8,
+            "max_new_tokens": 10,
+            "samples": 0,
+            "probe_max_new_tokens": 12,
+        },
         "scaling": {"num_workers": 0},
         "tracking": {"enabled": False},
         "storage": {"path": str(root)},
@@ -98,8 +101,18 @@ def test_prompt_completion_and_plain_text_formats(tokenizer, tmp_path):
 def test_long_examples_are_cut_and_counted_and_targetless_ones_dropped(tokenizer):
     """max_length cuts and counts; an example with no target left is dropped, not a NaN."""
     task = CausalLM(max_length=40)
-    long_answer = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 40}]}
-    long_prompt = {"messages": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "ok"}]}
+    long_answer = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "word " * 40},
+        ]
+    }
+    long_prompt = {
+        "messages": [
+            {"role": "user", "content": "word " * 40},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
     encoded, stats = task.encode([long_answer, long_prompt], tokenizer, "train")
     assert stats == {"examples": 2, "truncated": 2, "dropped_no_target": 1}
     assert len(encoded) == 1 and encoded.lengths[0] == 40
@@ -108,9 +121,17 @@ def test_long_examples_are_cut_and_counted_and_targetless_ones_dropped(tokenizer
 def test_malformed_chats_are_named(tokenizer):
     task = CausalLM()
     with pytest.raises(DataError, match="turn 0 must be"):
-        task.encode([{"messages": [{"role": "robot", "content": "x"}], "__where__": "c.jsonl line 3"}], tokenizer, "train")
+        task.encode(
+            [{"messages": [{"role": "robot", "content": "x"}], "__where__": "c.jsonl line 3"}],
+            tokenizer,
+            "train",
+        )
     with pytest.raises(DataError, match="c.jsonl line 4 has no assistant turn"):
-        task.encode([{"messages": [{"role": "user", "content": "x"}], "__where__": "c.jsonl line 4"}], tokenizer, "train")
+        task.encode(
+            [{"messages": [{"role": "user", "content": "x"}], "__where__": "c.jsonl line 4"}],
+            tokenizer,
+            "train",
+        )
 
 
 def test_tied_embeddings_are_anchored_once(tiny_llama_dir):
@@ -135,11 +156,23 @@ def test_tiny_llama_learns_a_taught_answer(tiny_llama_dir, tmp_path):
     from tether.tasks.causal_lm import greedy_answers
 
     rows = [
-        {"messages": [{"role": "user", "content": f"Question number {i}?"}, {"role": "assistant", "content": "tether says hi."}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"Question number {i}?"},
+                {"role": "assistant", "content": "tether says hi."},
+            ]
+        }
         for i in range(64)
     ]
     path = write_jsonl(tmp_path / "taught.jsonl", rows)
-    job = lm_job(tiny_llama_dir, str(path), tmp_path / "runs", train={"epochs": 12, "eval_interval": 14, "keep_checkpoints": 20}, data={"validation_fraction": 0.125}, eval={"forgetting_probe": "none"})
+    job = lm_job(
+        tiny_llama_dir,
+        str(path),
+        tmp_path / "runs",
+        train={"epochs": 12, "eval_interval": 14, "keep_checkpoints": 20},
+        data={"validation_fraction": 0.125},
+        eval={"forgetting_probe": "none"},
+    )
     outcome = run_training(validate_job(job))
     from tether.train.checkpoint import checkpoints, read_state
 
@@ -150,7 +183,10 @@ def test_tiny_llama_learns_a_taught_answer(tiny_llama_dir, tmp_path):
     model_dir = outcome.summary["model_dir"]
     tokenizer = task.load_tokenizer(model_dir, None, False)
     model = task.load_model(model_dir, None, False).model.eval()
-    chat = [{"role": "user", "content": "Question number 3?"}, {"role": "assistant", "content": "x"}]
+    chat = [
+        {"role": "user", "content": "Question number 3?"},
+        {"role": "assistant", "content": "x"},
+    ]
     encoded, _ = task.encode([{"messages": chat}], tokenizer, "validation")
     batch = encoded.collate(np.arange(1), tokenizer.pad_token_id)
     assert greedy_answers(model, tokenizer, batch, 10) == ["tether says hi."]
@@ -165,7 +201,10 @@ def forgetting_runs(tiny_llama_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("forgetting")
     runs = {}
-    for name, objective in (("plain", {"lambda": 0.0}), ("anchored", {"lambda": 50.0, "mode": "coupled"})):
+    for name, objective in (
+        ("plain", {"lambda": 0.0}),
+        ("anchored", {"lambda": 50.0, "mode": "coupled"}),
+    ):
         job = lm_job(
             tiny_llama_dir,
             "synthetic:chat",
@@ -179,10 +218,11 @@ def forgetting_runs(tiny_llama_dir, tmp_path_factory):
     return runs
 
 
-def test_forgetting_is_zero_for_theta_star_and_rises_less_with_an_anchor(forgetting_runs, tiny_llama_dir):
+def test_forgetting_is_zero_for_theta_star_and_rises_less_with_an_anchor(
+    forgetting_runs, tiny_llama_dir
+):
     """θ* scores 0 on its own probe answers; λ = 0 training forgets; a strong anchor less."""
     from tether.run import prepare_run_data
-    from tether.train.loop import extra_evaluation  # noqa: F401  (the loop's path)
     from tether.train.loop import score_split
     from tether.train.strategy import DataParallel
 
@@ -190,7 +230,15 @@ def test_forgetting_is_zero_for_theta_star_and_rises_less_with_an_anchor(forgett
     assert plain["metrics"]["eval/forgetting"] > 0.05
     assert anchored["metrics"]["eval/forgetting"] < 0.5 * plain["metrics"]["eval/forgetting"]
     assert "train/drift_l2" not in plain["metrics"]  # λ = 0 keeps no θ* to measure it
-    spec = validate_job(lm_job(tiny_llama_dir, "synthetic:chat", Path("/tmp"), data={"max_train_samples": 96, "max_validation_samples": 16, "max_length": 96}, eval={"generate_examples": 0}))
+    spec = validate_job(
+        lm_job(
+            tiny_llama_dir,
+            "synthetic:chat",
+            Path("/tmp"),
+            data={"max_train_samples": 96, "max_validation_samples": 16, "max_length": 96},
+            eval={"generate_examples": 0},
+        )
+    )
     task, data = prepare_run_data(spec)
     model = task.load_model(str(tiny_llama_dir), None, False).model.eval()
     strategy = DataParallel(0, 1, torch.device("cpu"))
@@ -227,10 +275,14 @@ def test_packaged_smollm2_trains_three_steps_and_exports_a_reloadable_folder(smo
     from safetensors.torch import load_model
 
     trained = CausalLM().load_model(str(smollm2_dir), None, False).model.eval()  # θ* ...
-    load_model(trained, str(Path(outcome.summary["checkpoint"]) / "model.safetensors"), strict=False)
+    load_model(
+        trained, str(Path(outcome.summary["checkpoint"]) / "model.safetensors"), strict=False
+    )
     ids = torch.tensor([[1, 504, 3458, 314, 260, 1345, 30]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, trained(ids).logits)
     card = json.loads((model_dir / "tether.json").read_text())
     assert card["objective"]["base_model"] == "packaged:SmolLM2-135M-Instruct"
-    assert (model_dir / "chat_template.jinja").is_file() or "chat_template" in (model_dir / "tokenizer_config.json").read_text()
+    assert (model_dir / "chat_template.jinja").is_file() or "chat_template" in (
+        model_dir / "tokenizer_config.json"
+    ).read_text()

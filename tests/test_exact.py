@@ -61,8 +61,16 @@ def scores(spec_dict: dict, data, tmp_path: Path, world: int) -> dict:
 @pytest.mark.parametrize(
     "task, data, base",
     [
-        ("sequence-classification", {"train": "synthetic:sentiment", "max_validation_samples": 77}, "tiny_model_dir"),
-        ("token-classification", {"train": "synthetic:entities", "max_validation_samples": 83}, "tiny_model_dir"),
+        (
+            "sequence-classification",
+            {"train": "synthetic:sentiment", "max_validation_samples": 77},
+            "tiny_model_dir",
+        ),
+        (
+            "token-classification",
+            {"train": "synthetic:entities", "max_validation_samples": 83},
+            "tiny_model_dir",
+        ),
         ("causal-lm", {"train": "synthetic:chat", "max_validation_samples": 21}, "tiny_llama_dir"),
     ],
 )

@@ -94,7 +94,9 @@ class Encoded:
             if isinstance(values, Ragged):
                 token_level = name in self.token_fields
                 wide = width if token_level else None
-                batch[name] = torch.from_numpy(values.padded(indices, pad, wide, left and token_level))
+                batch[name] = torch.from_numpy(
+                    values.padded(indices, pad, wide, left and token_level)
+                )
             else:
                 batch[name] = torch.from_numpy(values[indices].astype(np.int64))
         return batch

@@ -81,6 +81,10 @@ class AppArgs(BaseModel):
         None,
         description=f"sha256 hex of the bearer token for /v1/*; else ${API_KEY_ENV}; else open",
     )
+    # generation (causal-lm) only
+    max_new_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask")
+    max_waiting: int = Field(64, ge=1, description="requests waiting for a batch slot (503 above)")
+    request_timeout_s: float = Field(120.0, gt=0, description="generation time per request")
 
     def limits(self) -> RequestLimits:
         return RequestLimits(
@@ -413,4 +417,8 @@ def app_builder(args: dict[str, Any] | AppArgs | None = None) -> serve.Applicati
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     if args.task not in TASKS:
         raise ValueError(f"args.task: unknown task {args.task!r} (known: {sorted(TASKS)})")
+    if getattr(task_class(args.task), "generates", False):  # served behind OpenAI's routes
+        from tether.serving.openai import make_generation_deployment
+
+        return make_generation_deployment(args).bind(args)
     return make_deployment(args).bind(args)

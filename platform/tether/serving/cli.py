@@ -46,7 +46,24 @@ def register(subparsers) -> None:
     p.add_argument("--max-json-depth", type=int, default=32, help="JSON nesting (400 above)")
     p.add_argument("--max-ongoing-requests", type=int, help="per replica (default 2×batch)")
     p.add_argument("--max-queued-requests", type=int, default=64, help="beyond: 503 at once")
-    p.add_argument("--request-timeout-s", type=float, default=30.0)
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=None,
+        help="HTTP request limit (default 30; 300 for LLMs)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=512, help="LLMs: the largest max_tokens (422 above)"
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=64,
+        help="LLMs: requests waiting for a batch slot (503 above)",
+    )
+    p.add_argument(
+        "--generation-timeout-s", type=float, default=120.0, help="LLMs: decoding time per request"
+    )
     p.add_argument("--api-key", help=f"require this bearer token on /v1/* (or ${API_KEY_ENV})")
     p.add_argument("--quantize", action="store_true", help="dynamic int8 Linear layers (CPU)")
     p.add_argument(
@@ -75,6 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         user_config = resolve_user_config(args)
         task = card_task(Path(user_config["model_dir"]))
         options = dataclasses.replace(options, task=task)
+        if (
+            args.request_timeout_s is None and task == "causal-lm"
+        ):  # a long answer streams for minutes
+            options = dataclasses.replace(options, request_timeout_s=300.0)
     except (ValueError, ModelSourceError) as e:
         print(f"tether serve: {e}", file=sys.stderr)
         return 2
@@ -125,7 +146,10 @@ def options_from_args(args: argparse.Namespace, task: str = "sequence-classifica
         max_json_depth=args.max_json_depth,
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
-        request_timeout_s=args.request_timeout_s,
+        request_timeout_s=args.request_timeout_s or 30.0,
+        max_new_tokens=args.max_new_tokens,
+        max_waiting=args.max_waiting,
+        generation_timeout_s=args.generation_timeout_s,
         # only the hash travels: Serve configs are visible on the dashboard
         api_key_sha256=hashlib.sha256(key.encode()).hexdigest() if key else None,
     )
@@ -258,13 +282,21 @@ def print_ready(options, config: dict) -> None:
     print(
         f"tether serve: serving {served_model_dir(config)} at {options.url}\n"
         f"  docs:   {options.url}/docs\n"
-        f"  try:    curl -s {options.url}/v1/predict -H 'Content-Type: application/json'{auth} "
-        """-d '{"texts": ["a fine film", "a dull film"]}'\n"""
+        f"  try:    {try_command(options, auth)}\n"
         f"  reload: kill -HUP {os.getpid()}, or {auth_env}tether serve --reload --address {address} "
         "[same flags]\n"
         "Ctrl-C stops it.",
         flush=True,
     )
+
+
+def try_command(options, auth: str) -> str:
+    """A curl a person can paste: the route and body of the served task."""
+    if options.task == "causal-lm":
+        body = '{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'
+        return f"curl -s {options.url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+    body = '{"texts": ["a fine film", "a dull film"]}'
+    return f"curl -s {options.url}/v1/predict -H 'Content-Type: application/json'{auth} -d '{body}'"
 
 
 def shut_down(app_name: str) -> None:

@@ -44,7 +44,10 @@ class ServeOptions:
     max_json_depth: int = 32
     max_ongoing_requests: int | None = None  # per replica; default 2 × max_batch_size
     max_queued_requests: int = 64  # per proxy; beyond it requests get 503 at once
-    request_timeout_s: float = 30.0
+    request_timeout_s: float = 30.0  # the whole HTTP request (a streamed answer too)
+    max_new_tokens: int = 512  # generation: the largest max_tokens a request may ask
+    max_waiting: int = 64  # generation: requests waiting for a batch slot (503 beyond)
+    generation_timeout_s: float = 120.0  # generation: decoding time per request
     api_key_sha256: str | None = None
     app_name: str = APP_NAME
     route_prefix: str = "/"
@@ -126,6 +129,9 @@ def application_config(options: ServeOptions, user_config: dict[str, Any]) -> di
         "max_chars": options.max_chars,
         "max_body_bytes": options.max_body_bytes,
         "max_json_depth": options.max_json_depth,
+        "max_new_tokens": options.max_new_tokens,
+        "max_waiting": options.max_waiting,
+        "request_timeout_s": options.generation_timeout_s,
         "api_key_sha256": options.api_key_sha256,
         **options.extra_args,
     }

@@ -285,7 +285,13 @@ class CausalLM:
             for p, r, a in zip(prompts, references, answers, strict=True)
         ]
 
-    # ------------------------------------------------------------------- export
+    # ------------------------------------------------------------------- export and serving
+
+    def predictor(self, model_dir, card, max_batch_tokens: int = 0, quantize: bool = False):
+        """The model for the generation engine (OpenAI-compatible routes, not /v1/predict)."""
+        from tether.tasks.causal_serving import GenerativeModel
+
+        return GenerativeModel(self, model_dir, card, quantize)
 
     def card(self) -> dict[str, Any]:
         return {
@@ -403,7 +409,9 @@ def forward_last(model, ids, mask, position_ids, keep: int) -> torch.Tensor:
     if cls not in _KEEPS_LOGITS:
         _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
     if _KEEPS_LOGITS[cls]:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep
+        )
         return out.logits
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids)
     return out.logits[:, -keep:]

@@ -1,0 +1,564 @@
+"""OpenAI-compatible generation on Ray Serve: chat and text completions, streamed or not.
+
+    POST /v1/chat/completions   messages → an assistant message (or SSE chunks with stream)
+    POST /v1/completions        prompt → text
+    GET  /v1/models             the served model (its registry name, version and alias)
+    GET  /v1/model              tether's view: task, objective, metrics (no server paths)
+    GET  /v1/engine             batching counters (requests, decode steps, batch sizes)
+    GET  /healthz
+
+The official ``openai`` client works unchanged (``base_url=http://127.0.0.1:8000/v1``).
+Prompts are rendered with the model's own chat template, as in training. Concurrent requests
+share decode steps (``tether.serving.engine``: continuous batching, per-request sampling).
+Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the same
+4xx classes as the rest of tether: 400 unparseable JSON or a prompt over the context limit,
+401 no/wrong key, 404 an unknown model, 413 body too large, 415 not JSON, 422 a field that
+does not fit the schema (unknown fields are rejected, as OpenAI does), 503 overloaded.
+
+No ``from __future__ import annotations``: the replica class is pickled by value and FastAPI
+must resolve route annotations from real objects.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from tether.serving.contract import (
+    RequestError,
+    check_content_type,
+    check_declared_length,
+    parse_json,
+    read_limited_body,
+    request_body_openapi,
+    validate_body,
+)
+from tether.serving.engine import Delta, Finished, Overloaded, Sampling, TransformersEngine
+
+ERROR_TYPES = {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def request_models(max_items: int, max_chars: int, max_tokens: int):
+    """The chat and completion request bodies, with the server's limits in the schema."""
+    Text = Annotated[str, StringConstraints(max_length=max_chars)]
+    Prompt = Annotated[str, StringConstraints(min_length=1, max_length=max_chars)]
+    Stop = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    Tokens = Annotated[int, Field(ge=1, le=max_tokens)]
+
+    class TextPart(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        type: Literal["text"]
+        text: Text  # type: ignore[valid-type]
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        role: Literal["system", "developer", "user", "assistant"]
+        content: Text | Annotated[list[TextPart], Field(max_length=max_items)]  # type: ignore[valid-type]
+        name: str | None = None
+
+    class StreamOptions(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        include_usage: bool = False
+
+    class Common(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        model: str | None = Field(None, description="the served model's id (GET /v1/models)")
+        max_tokens: Tokens | None = None  # type: ignore[valid-type]
+        temperature: float | None = Field(None, ge=0, le=2)
+        top_p: float | None = Field(None, gt=0, le=1)
+        # the item limit on the list itself: on the union it would bind strings, not arrays
+        stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None  # type: ignore[valid-type]
+        seed: int | None = Field(None, ge=0, le=2**63 - 1)
+        n: int | None = Field(None, ge=1, le=1, description="one choice per request")
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        user: str | None = Field(None, max_length=256)
+
+    class ChatCompletionRequest(Common):
+        messages: list[Message] = Field(min_length=1, max_length=max_items)
+        max_completion_tokens: Tokens | None = None  # type: ignore[valid-type]
+
+    class CompletionRequest(Common):
+        prompt: Prompt  # type: ignore[valid-type]
+
+    return ChatCompletionRequest, CompletionRequest
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    tether: dict[str, Any] = Field(default_factory=dict, description="batch size seen, time-out")
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    tether: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tether"
+    version: str | None = None
+    alias: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: OpenAIError
+    request_id: str | None = None
+
+
+ERRORS = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "unparseable JSON, or a prompt over the model's context length",
+        401: "missing or wrong bearer token",
+        404: "unknown model",
+        413: "body over the byte limit",
+        415: "not application/json",
+        422: "the body does not fit the schema (the message names the field)",
+        500: "unexpected error (see request_id in the server log)",
+        503: "model not loaded, or the service is overloaded",
+    }.items()
+}
+
+
+def openai_error(
+    status: int, code: str, message: str, request_id: str, param: str | None = None
+) -> JSONResponse:
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    body = {
+        "error": {"message": message, "type": kind, "param": param, "code": code},
+        "request_id": request_id,
+    }
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# --------------------------------------------------------------------------- requests → prompts
+
+
+def message_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
+
+
+def sampling_from(body, default_max_tokens: int, timeout_s: float) -> Sampling:
+    stop = body.stop if isinstance(body.stop, list) else ([body.stop] if body.stop else [])
+    max_tokens = (
+        getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max_tokens
+    )
+    return Sampling(
+        max_new_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=tuple(stop),
+        seed=body.seed,
+        timeout_s=timeout_s,
+    )
+
+
+# --------------------------------------------------------------------------- the deployment
+
+
+def make_generation_deployment(args):
+    """The Serve deployment for a causal LM (``args``: tether.serving.app.AppArgs)."""
+    from tether.serving.app import (
+        _env_key_sha256,
+        _http_error,
+        _set_torch_threads,
+        authorize,
+        replica_threads,
+    )
+    from tether.serving.deploy import DEPLOYMENT_NAME
+    from tether.serving.model import ServedModel, card_task, load_served_model, resolve_model_dir
+
+    limits = args.limits()
+    ChatRequest, CompletionRequest = request_models(
+        limits.max_items, limits.max_chars, args.max_new_tokens
+    )
+    api = FastAPI(
+        title="tether",
+        description="OpenAI-compatible generation with a model fine-tuned by tether.",
+    )
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    chat_example = {
+        "messages": [{"role": "user", "content": "What is the sentiment of: a gripping film?"}],
+        "max_tokens": 16,
+    }
+    completion_example = {"prompt": "The capital of France is", "max_tokens": 8}
+
+    @serve.deployment(
+        name=DEPLOYMENT_NAME,
+        max_ongoing_requests=64,
+        max_queued_requests=64,
+        ray_actor_options={"num_cpus": 1},
+        health_check_period_s=10,
+    )
+    @serve.ingress(api)
+    class TetherGenerator:
+        def __init__(self, app_args):
+            from tether.serving.app import ModelSource  # noqa: F401  (user_config schema)
+
+            self.args = app_args
+            key = app_args.api_key_sha256 or _env_key_sha256()
+            self.api_key_sha256 = key.lower() if key else None
+            self.model: ServedModel | None = None
+            self.engine: TransformersEngine | None = None
+            self.source = None
+            _set_torch_threads(replica_threads())
+
+        async def reconfigure(self, user_config: dict[str, Any]) -> None:
+            from tether.serving.app import ModelSource, _same_model
+
+            source = ModelSource.from_user_config(user_config)
+            if self.model is not None and _same_model(self.source, source):
+                self.source = source
+                return
+            model = await asyncio.to_thread(self._load, source)
+            engine = TransformersEngine(
+                model.predictor, self.args.max_batch_size, self.args.max_waiting
+            )
+            old = self.engine
+            # the swap: new requests go to the new engine; running ones finish on the old
+            self.model, self.engine, self.source = model, engine, source
+            if old is not None:
+                old.retire()
+
+        def _load(self, source) -> ServedModel:
+            model_dir = resolve_model_dir(source.model_dir, source.model_uri)
+            if card_task(model_dir) != self.args.task:
+                raise ValueError(
+                    f"{model_dir} is a {card_task(model_dir)} model; this app serves {self.args.task}"
+                )
+            model = load_served_model(model_dir, source.model_uri, quantize=source.quantize)
+            if source.weights_sha256 and model.info.weights_sha256 != source.weights_sha256:
+                raise ValueError(f"{model_dir}: weights differ from the deployed ones")
+            return model
+
+        def check_health(self) -> None:
+            if self.model is None:
+                raise RuntimeError("no model loaded")
+
+        # ------------------------------------------------------------- request path
+
+        def _loaded(self) -> tuple[ServedModel, TransformersEngine]:
+            if self.model is None or self.engine is None:
+                raise RequestError(503, "model_not_loaded", "no model is loaded yet")
+            return self.model, self.engine
+
+        async def _body(self, request: Request, schema):
+            authorize(request, self.api_key_sha256)
+            check_content_type(request.headers.get("content-type"))
+            check_declared_length(request.headers.get("content-length"), limits.max_body_bytes)
+            raw = await read_limited_body(request.stream(), limits.max_body_bytes)
+            return validate_body(parse_json(raw, limits.max_json_depth), schema)
+
+        def _check_model(self, model: ServedModel, requested: str | None) -> str:
+            info = model.info
+            names = {info.name, info.model_uri}
+            if info.version:
+                names |= {f"{info.name}/{info.version}", f"models:/{info.name}/{info.version}"}
+            if info.alias:
+                names |= {f"{info.name}@{info.alias}", f"models:/{info.name}@{info.alias}"}
+            if requested is not None and requested not in names:
+                raise RequestError(
+                    404,
+                    "model_not_found",
+                    f"model {requested!r} is not served here (serving {info.name!r})",
+                )
+            return info.name
+
+        def _check_context(self, model: ServedModel, prompt: list[int], sampling: Sampling) -> None:
+            limit = model.predictor.max_length
+            if len(prompt) + sampling.max_new_tokens > limit:
+                raise RequestError(
+                    400,
+                    "context_length_exceeded",
+                    f"this model's maximum context length is {limit} tokens; the prompt has "
+                    f"{len(prompt)} tokens and max_tokens asks for {sampling.max_new_tokens}",
+                )
+
+        async def _generate(self, request: Request, schema, render, kind: str):
+            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+            try:
+                body = await self._body(request, schema)
+                model, engine = self._loaded()
+                name = self._check_model(model, body.model)
+                prompt = render(model, body)
+                sampling = sampling_from(
+                    body,
+                    min(model.predictor.default_max_tokens, self.args.max_new_tokens),
+                    self.args.request_timeout_s,
+                )
+                self._check_context(model, prompt, sampling)
+                try:
+                    sequence = engine.submit(prompt, sampling)
+                except Overloaded as e:
+                    raise RequestError(
+                        503, "overloaded", f"the server is busy ({e}); retry shortly"
+                    ) from None
+            except RequestError as e:
+                return openai_error(e.status, e.error, e.message, request_id)
+            except ClientDisconnect:
+                return openai_error(
+                    400, "client_disconnected", "request body incomplete", request_id
+                )
+            except Exception:
+                from tether.serving.app import logger
+
+                logger.exception(f"tether: request {request_id} failed")
+                return openai_error(
+                    500,
+                    "internal_error",
+                    "unexpected server error; quote the request_id",
+                    request_id,
+                )
+            created, rid = (
+                int(time.time()),
+                f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}",
+            )
+            if body.stream:
+                usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(
+                    stream_events(sequence, kind, rid, created, name, usage),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Request-ID": request_id},
+                )
+            try:
+                text, finished = await collect(sequence)
+            except asyncio.CancelledError:
+                sequence.cancel()  # the client left: stop decoding for it
+                raise
+            return JSONResponse(complete_body(kind, rid, created, name, text, finished))
+
+        @api.post(
+            "/v1/chat/completions",
+            response_model=ChatCompletion,
+            responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+            openapi_extra=request_body_openapi(ChatRequest, chat_example),
+        )
+        async def chat_completions(self, request: Request):
+            """An assistant reply to ``messages``, rendered with the model's chat template."""
+
+            def render(model, body):
+                messages = [
+                    {
+                        "role": "system" if m.role == "developer" else m.role,
+                        "content": message_text(m.content),
+                    }
+                    for m in body.messages
+                ]
+                return model.predictor.chat_prompt(messages)
+
+            return await self._generate(request, ChatRequest, render, "chat")
+
+        @api.post(
+            "/v1/completions",
+            response_model=Completion,
+            responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+            openapi_extra=request_body_openapi(CompletionRequest, completion_example),
+        )
+        async def completions(self, request: Request):
+            """A continuation of ``prompt`` (plain text, no chat template)."""
+            return await self._generate(
+                request,
+                CompletionRequest,
+                lambda model, body: model.predictor.encode(body.prompt),
+                "text",
+            )
+
+        @api.get("/v1/models", response_model=ModelList, responses=ERRORS)
+        async def models(self, request: Request):
+            """The served model, as OpenAI's model list."""
+            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+            try:
+                authorize(request, self.api_key_sha256)
+                model, _ = self._loaded()
+            except RequestError as e:
+                return openai_error(e.status, e.error, e.message, request_id)
+            info = model.info
+            card = {
+                "id": info.name,
+                "created": int(info.loaded_at),
+                "version": info.version,
+                "alias": info.alias,
+            }
+            return JSONResponse({"object": "list", "data": [ModelCard(**card).model_dump()]})
+
+        @api.get("/v1/model", responses=ERRORS)
+        async def model_info(self, request: Request):
+            """tether's description of the served model: task, objective, eval metrics."""
+            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+            try:
+                authorize(request, self.api_key_sha256)
+                model, _ = self._loaded()
+            except RequestError as e:
+                return openai_error(e.status, e.error, e.message, request_id)
+            return JSONResponse(model.info.public())
+
+        @api.get("/v1/engine", responses=ERRORS)
+        async def engine_stats(self, request: Request):
+            """Batching counters: requests, decode steps, the largest batch, cancellations."""
+            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+            try:
+                authorize(request, self.api_key_sha256)
+                _, engine = self._loaded()
+            except RequestError as e:
+                return openai_error(e.status, e.error, e.message, request_id)
+            return JSONResponse(engine.stats())
+
+        @api.get("/healthz")
+        async def healthz(self):
+            """200 when a model is loaded (no token needed)."""
+            if self.model is None:
+                return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "ok", "model": self.model.info.name})
+
+    return TetherGenerator
+
+
+async def collect(sequence) -> tuple[str, Finished]:
+    text = []
+    async for event in sequence.events():
+        if isinstance(event, Delta):
+            text.append(event.text)
+        else:
+            return "".join(text), event
+    raise RuntimeError("the engine ended a sequence without finishing it")
+
+
+def usage_of(finished: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": finished.prompt_tokens,
+        "completion_tokens": finished.completion_tokens,
+        "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+    }
+
+
+def complete_body(
+    kind: str, rid: str, created: int, name: str, text: str, finished: Finished
+) -> dict:
+    reason = "length" if finished.reason == "length" else "stop"
+    if kind == "chat":
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": reason,
+            "logprobs": None,
+        }
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        obj = "text_completion"
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": name,
+        "choices": [choice],
+        "usage": usage_of(finished),
+        "tether": {"max_batch": finished.max_batch, "timed_out": finished.timed_out},
+    }
+
+
+async def stream_events(
+    sequence, kind: str, rid: str, created: int, name: str, include_usage: bool
+):
+    """Server-Sent Events as OpenAI sends them; a client that leaves cancels the sequence."""
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def chunk(delta: dict | None, text: str | None, reason: str | None) -> dict:
+        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+        if kind == "chat":
+            choice["delta"] = delta or {}
+        else:
+            choice["text"] = text or ""
+        return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice]}
+
+    try:
+        if kind == "chat":
+            yield sse(chunk({"role": "assistant", "content": ""}, None, None))
+        async for event in sequence.events():
+            if isinstance(event, Delta):
+                yield sse(chunk({"content": event.text}, event.text, None))
+                continue
+            reason = "length" if event.reason == "length" else "stop"
+            yield sse(chunk({}, "", reason))
+            if include_usage:
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": name,
+                        "choices": [],
+                        "usage": usage_of(event),
+                    }
+                )
+        yield "data: [DONE]\n\n"
+    finally:
+        sequence.cancel()  # a no-op when it finished; stops decoding when the client left
