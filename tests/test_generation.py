@@ -417,3 +417,30 @@ def test_fuzzed_generation_requests_never_get_a_5xx(server, mode):
 
     seen = fuzz_routes(server.url, AUTH, mode, examples=15, error_keys={"error", "request_id"})
     assert any(k.startswith("POST /v1/chat/completions") for k in seen), seen
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(offline):
+    """An exception in a model step ends the sequences in that step with Failed (a 500), and
+    the next request is served normally: no request hangs."""
+    from tether.serving.engine import Failed, Finished, Sampling, TransformersEngine
+
+    engine = TransformersEngine(offline, max_batch=4)
+    real, calls = engine.model, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first decode step after a prefill
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    engine.model = flaky
+    prompt = offline.chat_prompt([{"role": "user", "content": "hi"}])
+
+    async def run():
+        first = [e async for e in engine.submit(prompt, Sampling(max_new_tokens=6)).events()]
+        second = [e async for e in engine.submit(prompt, Sampling(max_new_tokens=6)).events()]
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert isinstance(first[-1], Failed) and "boom" in first[-1].message
+    assert isinstance(second[-1], Finished) and second[-1].completion_tokens > 0

@@ -229,3 +229,22 @@ def test_a_stopped_best_trial_gets_a_model_from_its_best_checkpoint(finished, tm
     exported = load_file(out / "model.safetensors")
     trained = load_file(checkpoint / "model.safetensors")
     assert all(torch.equal(exported[k], trained[k]) for k in exported)
+
+
+def test_a_step_the_fp16_scaler_skips_is_reported_as_skipped():
+    """An overflowing fp16 step leaves θ alone and says so: the loop then neither pulls toward
+    θ* nor advances the schedule for it."""
+    from tether.train.loop import scaled_optimizer_step
+
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    (scaler.scale(p.sum()) * float("inf")).backward()
+    scaler.unscale_(optimizer)
+    assert scaled_optimizer_step(scaler, optimizer) is False
+    assert torch.equal(p.detach(), torch.ones(3))
+    optimizer.zero_grad()
+    scaler.scale(p.sum()).backward()
+    scaler.unscale_(optimizer)
+    assert scaled_optimizer_step(scaler, optimizer) is True
+    assert not torch.equal(p.detach(), torch.ones(3))

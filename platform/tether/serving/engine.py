@@ -50,6 +50,13 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class Failed:
+    """The model step this sequence was in raised: the request gets a 500, others go on."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class Finished:
     reason: str  # "stop" (EOS or a stop string), "length" (max tokens or time), "cancelled"
     prompt_tokens: int
@@ -79,11 +86,11 @@ class Sequence:
         """The client went away: the engine drops this row before its next step."""
         self.cancelled = True
 
-    async def events(self) -> AsyncIterator[Delta | Finished]:
+    async def events(self) -> AsyncIterator[Delta | Finished | Failed]:
         while True:
             event = await self.queue.get()
             yield event
-            if isinstance(event, Finished):
+            if isinstance(event, (Finished, Failed)):
                 return
 
 
@@ -165,17 +172,31 @@ class TransformersEngine:
             joining = []
             while self.waiting and len(self.active) + len(joining) < self.max_batch:
                 joining.append(self.waiting.popleft())
-            if joining:
-                firsts = await loop.run_in_executor(self.executor, self._admit, joining)
-                for sequence, token in zip(joining, firsts, strict=True):
+            try:
+                if joining:
+                    firsts = await loop.run_in_executor(self.executor, self._admit, joining)
+                    for sequence, token in zip(joining, firsts, strict=True):
+                        self._accept(sequence, token)
+                leaving = [i for i, s in enumerate(self.active) if s.finish or s.cancelled]
+                if len(leaving) == len(self.active):  # everyone is done: nothing to decode
+                    await loop.run_in_executor(self.executor, self._keep, leaving)
+                    continue
+                tokens = await loop.run_in_executor(self.executor, self._step, leaving)
+                for sequence, token in zip(self.active, tokens, strict=True):
                     self._accept(sequence, token)
-            leaving = [i for i, s in enumerate(self.active) if s.finish or s.cancelled]
-            if len(leaving) == len(self.active):  # everyone is done: nothing to decode
-                await loop.run_in_executor(self.executor, self._keep, leaving)
-                continue
-            tokens = await loop.run_in_executor(self.executor, self._step, leaving)
-            for sequence, token in zip(self.active, tokens, strict=True):
-                self._accept(sequence, token)
+            except Exception as e:  # never let one bad step hang every request
+                self._fail_batch(joining, e)
+
+    def _fail_batch(self, joining: list[Sequence], error: Exception) -> None:
+        import logging
+
+        logging.getLogger("ray.serve").exception("tether: a generation step failed")
+        self.counters["failed_steps"] = self.counters.get("failed_steps", 0) + 1
+        for sequence in {id(s): s for s in [*self.active, *joining]}.values():
+            if not sequence.finish:
+                sequence.finish = "error"
+                sequence.queue.put_nowait(Failed(f"{type(error).__name__}: {error}"))
+        self.active, self.cache, self.mask = [], None, None
 
     def _drop_cancelled(self, sequence: Sequence) -> bool:
         if sequence.cancelled:
@@ -276,9 +297,11 @@ class TransformersEngine:
     def _sample(self, logits: torch.Tensor, sequence: Sequence) -> int:
         """Greedy at temperature 0, else nucleus sampling with the request's own generator."""
         sampling = sequence.sampling
-        if sampling.temperature <= 0:
+        if sampling.temperature < 1e-4:  # colder than this is greedy (and would overflow)
             return int(logits.argmax())
         probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+        if not torch.isfinite(probs).all():
+            return int(logits.argmax())
         if sampling.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             outside = sorted_probs.cumsum(0) - sorted_probs > sampling.top_p

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -41,7 +41,7 @@ from tether.serving.contract import (
     request_body_openapi,
     validate_body,
 )
-from tether.serving.engine import Delta, Finished, Overloaded, Sampling, TransformersEngine
+from tether.serving.engine import Delta, Failed, Finished, Overloaded, Sampling, TransformersEngine
 
 ERROR_TYPES = {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}
 
@@ -49,38 +49,48 @@ ERROR_TYPES = {401: "authentication_error", 404: "invalid_request_error", 503: "
 # --------------------------------------------------------------------------- schemas
 
 
+def _integral(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**bounds):
+    """An integer as JSON Schema means it (2.0 included; strict pydantic would refuse it).
+    The bounds come before the validator, or pydantic drops them from the published schema."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
 def request_models(max_items: int, max_chars: int, max_tokens: int):
     """The chat and completion request bodies, with the server's limits in the schema."""
     Text = Annotated[str, StringConstraints(max_length=max_chars)]
     Prompt = Annotated[str, StringConstraints(min_length=1, max_length=max_chars)]
     Stop = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    Tokens = Annotated[int, Field(ge=1, le=max_tokens)]
+    Tokens = json_int(ge=1, le=max_tokens)
 
     class TextPart(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         type: Literal["text"]
         text: Text  # type: ignore[valid-type]
 
     class Message(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         role: Literal["system", "developer", "user", "assistant"]
         content: Text | Annotated[list[TextPart], Field(max_length=max_items)]  # type: ignore[valid-type]
         name: str | None = None
 
     class StreamOptions(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         include_usage: bool = False
 
     class Common(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         model: str | None = Field(None, description="the served model's id (GET /v1/models)")
         max_tokens: Tokens | None = None  # type: ignore[valid-type]
         temperature: float | None = Field(None, ge=0, le=2)
         top_p: float | None = Field(None, gt=0, le=1)
         # the item limit on the list itself: on the union it would bind strings, not arrays
         stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None  # type: ignore[valid-type]
-        seed: int | None = Field(None, ge=0, le=2**63 - 1)
-        n: int | None = Field(None, ge=1, le=1, description="one choice per request")
+        seed: json_int(ge=0, le=2**63 - 1) | None = None  # type: ignore[valid-type]
+        n: json_int(ge=1, le=1) | None = Field(None, description="one choice per request")  # type: ignore[valid-type]
         stream: bool = False
         stream_options: StreamOptions | None = None
         user: str | None = Field(None, max_length=256)
@@ -393,6 +403,10 @@ def make_generation_deployment(args):
             except asyncio.CancelledError:
                 sequence.cancel()  # the client left: stop decoding for it
                 raise
+            if isinstance(finished, Failed):
+                return openai_error(
+                    500, "internal_error", "generation failed; quote the request_id", request_id
+                )
             return JSONResponse(complete_body(kind, rid, created, name, text, finished))
 
         @api.post(
@@ -481,7 +495,7 @@ def make_generation_deployment(args):
     return TetherGenerator
 
 
-async def collect(sequence) -> tuple[str, Finished]:
+async def collect(sequence) -> tuple[str, Finished | Failed]:
     text = []
     async for event in sequence.events():
         if isinstance(event, Delta):
@@ -546,6 +560,18 @@ async def stream_events(
             if isinstance(event, Delta):
                 yield sse(chunk({"content": event.text}, event.text, None))
                 continue
+            if isinstance(event, Failed):  # OpenAI streams an error as one event
+                yield sse(
+                    {
+                        "error": {
+                            "message": "generation failed",
+                            "type": "server_error",
+                            "param": None,
+                            "code": "internal_error",
+                        }
+                    }
+                )
+                break
             reason = "length" if event.reason == "length" else "stop"
             yield sse(chunk({}, "", reason))
             if include_usage:

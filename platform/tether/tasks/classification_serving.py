@@ -14,7 +14,11 @@ from tether.tasks.predict import (
     served_max_length,
 )
 
-NON_BLANK = r"\S"  # JSON Schema patterns search: at least one non-space character
+# at least one non-space character. Spelled out, not \S: JSON Schema (ECMA-262), pydantic's
+# Rust regex and Python disagree on what \s is (U+0085, U+FEFF, U+001C...), and a published
+# pattern must mean what the server enforces (a fuzzer found the difference)
+WHITESPACE = "\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+NON_BLANK = f"[^{WHITESPACE}]"
 
 
 def text_type(max_chars: int):
