@@ -11,7 +11,7 @@ STAMP := $(VENV)/.tether-installed
 # pip resolves the CUDA build from the range in pyproject.toml. Override: make TORCH_SPEC=...
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 
-.PHONY: demo test lint format bench bench-quick bench-hpo clean install
+.PHONY: demo demo-llm test lint format bench bench-quick bench-hpo clean install
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/tether demo
+
+# the LLM path: SmolLM2 chat SFT sweep → champion → OpenAI-compatible endpoint (~15 min)
+demo-llm: $(STAMP)
+	$(BIN)/tether demo --llm
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

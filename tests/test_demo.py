@@ -61,3 +61,40 @@ def test_quick_demo_runs_search_register_serve_and_answers(
     assert all(p["label"] in ("negative", "positive") for p in predictions)
     for line in ("best trial:", "best λ=0", "MLflow UI:", "endpoint: curl"):
         assert line in out
+
+
+def test_quick_llm_demo_sweeps_registers_and_chats(
+    ray_cluster, tiny_llama_dir, tmp_path, monkeypatch, capsys
+):
+    """`tether demo --llm --quick --exit` on the tiny Llama: a chat SFT sweep with its λ = 0
+    arm, the champion behind the OpenAI routes, answers printed beside θ*'s."""
+    monkeypatch.chdir(tmp_path)
+    summary_path = tmp_path / "demo.json"
+    code = main(
+        [
+            "demo",
+            "--llm",
+            "--job",
+            str(REPO / "jobs" / "chat_sft.yaml"),
+            "--quick",
+            "--exit",
+            "--port",
+            str(free_port()),
+            "--summary",
+            str(summary_path),
+            f"model.name={tiny_llama_dir}",
+            "eval.forgetting_probe=none",
+            "scaling.cpus_per_worker=1",
+            f"storage.path={tmp_path / 'runs'}",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["metric"] == "eval/loss" and summary["mode"] == "min"
+    assert summary["baseline_best"]["config"]["objective.lambda"] == 0
+    assert summary["registry"]["promoted"] is True
+    completions = summary["sample_completions"]
+    assert len(completions) == 4 and all("theta_star" in c for c in completions)
+    for line in ("fine-tuned:", "θ*:", "openai: from openai import OpenAI", "chat/completions"):
+        assert line in out

@@ -400,3 +400,52 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
             assert attempts.count("train") == 1, (r["trial_id"], attempts)
     assert sum(r["arm"] == "baseline" for r in rows) == 2
     assert all(math.isfinite(r["metric"]) for r in rows)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ner_sweep_ranks_on_entity_f1_and_registers_the_best(
+    ray_cluster, tiny_model_dir, tmp_path
+):
+    """Token classification through tune: trials ranked by eval/entity_f1 (max), the best
+    registered and gated on that metric."""
+    from mlflow.tracking import MlflowClient
+
+    from tether.sweep import run_tracked_sweep
+
+    db = tmp_path / "mlflow.db"
+    job = {
+        "name": "ner-sweep",
+        "model": {"name": str(tiny_model_dir), "task": "token-classification"},
+        "data": {
+            "train": "synthetic:entities",
+            "max_train_samples": 480,
+            "max_validation_samples": 100,
+            "max_length": 40,
+        },
+        "optim": {"warmup_ratio": 0.0},
+        "train": {"epochs": 3, "batch_size": 16, "eval_interval": 30},
+        "scaling": {"num_workers": 1, "max_failures": 0},
+        "storage": {"path": str(tmp_path / "runs")},
+        "tracking": {"uri": f"sqlite:///{db}", "experiment": "ner", "registered_model": "ner"},
+        "tune": {
+            "search": "grid",
+            "scheduler": "none",
+            "space": {"objective.lambda": {"values": [1e-3]}, "optim.lr": {"values": [5e-3, 1e-5]}},
+            "max_concurrent_trials": 2,
+            "max_failures": 0,
+            "include_baseline": False,
+        },
+    }
+    outcome = run_tracked_sweep(open_sweep(validate_job(job)))
+    summary = outcome.summary
+    assert (summary["metric"], summary["mode"]) == ("eval/entity_f1", "max")
+    scores = {r["trial_id"]: r["metric"] for r in outcome.rows}
+    assert summary["best"]["metric"] == max(scores.values()) > 0.1
+    registry = summary["registry"]
+    assert registry["metric"] == "eval/entity_f1" and registry["promoted"] is True
+    version = MlflowClient(tracking_uri=f"sqlite:///{db}").get_model_version(
+        "ner", registry["version"]
+    )
+    assert version.tags["tether.metric"] == "eval/entity_f1"
+    assert version.tags["tether.task"] == "token-classification"

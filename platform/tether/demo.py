@@ -1,14 +1,18 @@
 """`tether demo`: the whole workflow on the embedded defaults, in one command.
 
-    tether demo [--job jobs/demo.yaml] [--quick] [--exit | --no-serve] [--port 8000]
+    tether demo [--llm] [--job JOB.yaml] [--quick] [--exit | --no-serve] [--port 8000]
 
-1. an anchored sweep (λ × lr, plus the λ = 0 control arm) of the packaged MiniLM on the
-   synthetic demo data, on a local Ray cluster, tracked in the SQLite MLflow store;
+1. an anchored sweep (λ × lr, plus the λ = 0 control arm) on a local Ray cluster, tracked in
+   the SQLite MLflow store: the packaged MiniLM on synthetic sentiment (default), or with
+   ``--llm`` the packaged SmolLM2-135M-Instruct on synthetic chat (jobs/chat_sft.yaml, sized
+   to finish in about 15 minutes on 2 cores);
 2. the best trial registered; `champion` moved to it if it beats the current champion;
-3. the champion served by Ray Serve on 127.0.0.1, a few sample requests sent and answered;
-4. the results: table, the winning λ and lr and its margin over λ = 0, plots, the MLflow UI
-   command and a curl for the live endpoint. Serves until Ctrl-C (``--exit`` stops after the
-   sample requests, ``--no-serve`` after registration).
+3. the champion served by Ray Serve on 127.0.0.1, sample requests sent and answered: labels,
+   or chat completions printed beside θ*'s own answers to the same prompts;
+4. the results: table, the winning λ and lr and its margin over λ = 0 (for the LLM, the
+   forgetting of the best anchored and best plain trials), plots, the MLflow UI command, a
+   curl and (LLM) a three-line `openai` snippet. Serves until Ctrl-C (``--exit`` stops after
+   the sample requests, ``--no-serve`` after registration).
 
 ``--quick`` shrinks the sweep to a few short trials (for tests and a first look).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 SAMPLE_TEXTS = [
@@ -25,6 +30,12 @@ SAMPLE_TEXTS = [
     "The plot was dull and the acting was painfully wooden.",
     "The hotel was not bad at all, the staff were lovely.",
     "I wanted my money back after ten minutes.",
+]
+SAMPLE_CHATS = [
+    "What is the sentiment of this review? The soundtrack was not bad at all.",
+    "Is this review positive or negative? The staff were rude and the room was dirty.",
+    "What is the capital of France?",  # general: what SFT may cost
+    "Give one tip for sleeping better.",
 ]
 
 # a few short trials: the pipeline end to end in a couple of minutes on 2 cores
@@ -40,11 +51,49 @@ QUICK_OVERRIDES = [
     "tune.scheduler=none",
     "tune.max_concurrent_trials=2",  # 1-worker trials: two fit on 2 cores
 ]
+# the LLM sweep: one 2-CPU worker per trial, one trial at a time (SmolLM2 steps take seconds)
+LLM_OVERRIDES = [
+    "data.max_train_samples=128",
+    "data.max_validation_samples=32",
+    "train.epochs=1",
+    "train.eval_interval=8",
+    "eval.generate_examples=16",
+    "scaling.num_workers=1",
+    "scaling.cpus_per_worker=2",
+    "tune.num_samples=2",
+    "tune.baseline_samples=1",
+]
+LLM_QUICK_OVERRIDES = [
+    "data.max_train_samples=32",
+    "data.max_validation_samples=8",
+    "train.max_steps=2",
+    "train.eval_interval=2",
+    "train.batch_size=4",
+    "eval.generate_examples=4",
+    "eval.samples=0",
+    "tune.num_samples=1",
+]
+
+
+@dataclass(frozen=True)
+class DemoKind:
+    job: str
+    overrides: list[str]
+    quick: list[str]
+
+
+KINDS = {
+    "classifier": DemoKind("jobs/demo.yaml", [], QUICK_OVERRIDES),
+    "llm": DemoKind("jobs/chat_sft.yaml", LLM_OVERRIDES, LLM_OVERRIDES + LLM_QUICK_OVERRIDES),
+}
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="sweep → register → serve on the embedded defaults")
-    p.add_argument("--job", type=Path, default=Path("jobs/demo.yaml"))
+    p.add_argument("--llm", action="store_true", help="the LLM path: SmolLM2 chat SFT, OpenAI API")
+    p.add_argument(
+        "--job", type=Path, default=None, help="default jobs/demo.yaml (--llm: jobs/chat_sft.yaml)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--quick", action="store_true", help="a few short trials (tests, first look)")
     stop = p.add_mutually_exclusive_group()
@@ -61,9 +110,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tether.errors import DataError, ModelSourceError, SpecError
     from tether.sweep import open_sweep
 
-    overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
+    kind = KINDS["llm" if args.llm else "classifier"]
+    overrides = (kind.quick if args.quick else kind.overrides) + list(args.overrides)
     try:
-        spec = load_job(args.job, overrides)
+        spec = load_job(args.job or Path(kind.job), overrides)
         if args.quick:  # a fresh sweep name each time: quick runs are throwaway
             spec.tune.name = f"{spec.name}-quick-{time.strftime('%Y%m%d-%H%M%S')}"
         step("1/4", f"preparing the sweep: {spec.model.name} on {spec.data.train}")
@@ -101,7 +151,7 @@ def run_demo(sweep, args: argparse.Namespace) -> int:
         return 0
     model_uri = f"models:/{registry['name']}@champion" if registered else None
     step("4/4", f"serving {model_uri or best['model_dir']} on {args.host}:{args.port}")
-    return serve_and_ask(summary, model_uri, report, args)
+    return serve_and_ask(sweep, summary, model_uri, report, args)
 
 
 def results_lines(summary: dict, tracking_uri: str) -> list[str]:
@@ -118,8 +168,15 @@ def results_lines(summary: dict, tracking_uri: str) -> list[str]:
         )
     margin = summary.get("anchored_minus_baseline")
     if margin is not None:
-        verdict = "beats" if margin > 0 else "does not beat"
+        better = margin > 0 if summary["mode"] == "max" else margin < 0
+        verdict = "beats" if better else "does not beat"
         lines.append(f"anchoring {verdict} plain fine-tuning here: margin {margin:+.4f} {metric}")
+    for label, row in (("best anchored", summary.get("best_anchored")), ("best λ=0", base)):
+        forgetting = ((row or {}).get("best_metrics") or {}).get("eval/forgetting")
+        if forgetting is not None:
+            lines.append(
+                f"forgetting of the {label} trial: {forgetting:+.4f} nats per token (0 = none)"
+            )
     lines.append(f"trials table: {summary['csv']}")
     lines += [f"plot: {p}" for p in summary.get("plots", [])]
     if tracking_uri.startswith("sqlite:///"):
@@ -136,11 +193,10 @@ def format_config(config: dict) -> str:
     )
 
 
-def serve_and_ask(summary: dict, model_uri: str | None, report: list[str], args) -> int:
+def serve_and_ask(sweep, summary: dict, model_uri: str | None, report: list[str], args) -> int:
     import hashlib
     import os
 
-    import httpx
     import ray
 
     from tether.cluster import ensure_ray
@@ -150,11 +206,13 @@ def serve_and_ask(summary: dict, model_uri: str | None, report: list[str], args)
 
     model_dir = resolve_model_dir(None if model_uri else summary["best"]["model_dir"], model_uri)
     key = os.environ.get(API_KEY_ENV)  # a user who exported it gets an app that requires it
+    task = card_task(model_dir)
     options = ServeOptions(
-        task=card_task(model_dir),
+        task=task,
         host=args.host,
         port=args.port,
         api_key_sha256=hashlib.sha256(key.encode()).hexdigest() if key else None,
+        request_timeout_s=300.0 if task == "causal-lm" else 30.0,
     )
     config = serve_config(options, model_user_config(model_dir, model_uri))
     started_ray = not ray.is_initialized()  # the sweep shut nothing down; usually connected
@@ -162,20 +220,10 @@ def serve_and_ask(summary: dict, model_uri: str | None, report: list[str], args)
     deploy(config)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        response = httpx.post(
-            f"{options.url}/v1/predict", json={"texts": SAMPLE_TEXTS}, headers=headers, timeout=60
-        )
-        response.raise_for_status()
-        answers = response.json()
-        print("  sample requests:")
-        for text, pred in zip(SAMPLE_TEXTS, answers["predictions"], strict=True):
-            p = max(pred["probabilities"].values())
-            print(f"    {pred['label']:>8} ({p:.2f})  {text}")
-        summary["sample_predictions"] = answers["predictions"]
-        report.append(
-            f"endpoint: curl -s {options.url}/v1/predict -H 'Content-Type: application/json' "
-            '-d \'{"texts": ["a gripping, beautifully acted film"]}\''
-        )
+        if task == "causal-lm":
+            ask_llm(sweep, options, headers, summary, report)
+        else:
+            ask_classifier(options, headers, summary, report)
         _finish(report, summary, args)
         if args.exit:
             return 0
@@ -186,6 +234,64 @@ def serve_and_ask(summary: dict, model_uri: str | None, report: list[str], args)
         return 0
     finally:
         stop_serving(options.app_name, shutdown_ray=started_ray)
+
+
+def ask_classifier(options, headers: dict, summary: dict, report: list[str]) -> None:
+    import httpx
+
+    response = httpx.post(
+        f"{options.url}/v1/predict", json={"texts": SAMPLE_TEXTS}, headers=headers, timeout=60
+    )
+    response.raise_for_status()
+    answers = response.json()
+    print("  sample requests:")
+    for text, pred in zip(SAMPLE_TEXTS, answers["predictions"], strict=True):
+        p = max(pred["probabilities"].values())
+        print(f"    {pred['label']:>8} ({p:.2f})  {text}")
+    summary["sample_predictions"] = answers["predictions"]
+    report.append(
+        f"endpoint: curl -s {options.url}/v1/predict -H 'Content-Type: application/json' "
+        '-d \'{"texts": ["a gripping, beautifully acted film"]}\''
+    )
+
+
+def ask_llm(sweep, options, headers: dict, summary: dict, report: list[str]) -> None:
+    """Chat completions from the champion, each beside θ*'s own answer to the same prompt."""
+    import httpx
+
+    from tether.models import resolve_model_source
+    from tether.tasks.causal_lm import CausalLM
+
+    base = CausalLM().predictor(resolve_model_source(sweep.spec.model.name), {})
+    served = []
+    print("  sample chat completions (greedy), beside θ*'s answers:")
+    for prompt in SAMPLE_CHATS:
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "max_tokens": 32,
+        }
+        response = httpx.post(
+            f"{options.url}/v1/chat/completions", json=body, headers=headers, timeout=300
+        )
+        response.raise_for_status()
+        answer = response.json()["choices"][0]["message"]["content"]
+        theta_star = base.decode(base.offline_greedy(base.chat_prompt(body["messages"]), 32))
+        served.append({"prompt": prompt, "answer": answer, "theta_star": theta_star})
+        print(
+            f"    user:       {prompt}\n    fine-tuned: {answer.strip()}\n    θ*:         {theta_star.strip()}"
+        )
+    summary["sample_completions"] = served
+    report.append(
+        f"endpoint: curl -s {options.url}/v1/chat/completions -H 'Content-Type: application/json' "
+        '-d \'{"messages": [{"role": "user", "content": "Is this review positive? A lovely film."}]}\''
+    )
+    name = (summary.get("registry") or {}).get("name") or sweep.spec.name
+    report += [
+        "openai: from openai import OpenAI",
+        f"        client = OpenAI(base_url='{options.url}/v1', api_key='unused-without---api-key')",
+        f"        client.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Hi'}}])",
+    ]
 
 
 def stop_serving(app_name: str, shutdown_ray: bool) -> None:

@@ -11,13 +11,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from tether.errors import ModelSourceError
 from tether.tasks.predict import quantize_linear_int8
 
 
+class Answer(BaseModel):
+    """One greedy answer (the MLflow pyfunc's output row)."""
+
+    answer: str
+
+
 class GenerativeModel:
-    """What the generation engine needs from a model directory."""
+    """What the generation engine needs from a model directory (and, for MLflow's pyfunc,
+    greedy answers to a column of user messages)."""
 
     labels: list[str] = []
 
@@ -66,3 +74,23 @@ class GenerativeModel:
         )
         generated = out[0, ids.shape[1] :].tolist()
         return [t for t in generated if t not in self.eos_ids]
+
+    # ------------------------------------------------------------------- the pyfunc's path
+
+    def example(self) -> dict[str, Any]:
+        return {"texts": ["What is the capital of France?"]}
+
+    def frame_items(self, column: list[Any]) -> list[str]:
+        return [str(v) for v in column]
+
+    def predict(self, messages: list[str]) -> list[Answer]:
+        """Greedy answers to user messages, one at a time (offline use, not serving)."""
+        limit = min(self.default_max_tokens, 64)
+        return [
+            Answer(
+                answer=self.decode(
+                    self.offline_greedy(self.chat_prompt([{"role": "user", "content": m}]), limit)
+                )
+            )
+            for m in messages
+        ]
