@@ -153,6 +153,15 @@ class Server:
         deploy({"http_options": self.http, "applications": list(self.apps.values())})
 
 
+def with_faults(app: dict, faults: str) -> dict:
+    """The app with test faults in its replicas' environment (not in its contract)."""
+    from tether.serving.app import FAULTS_ENV
+
+    deployment = app["deployments"][0]
+    options = {**deployment["ray_actor_options"], "runtime_env": {"env_vars": {FAULTS_ENV: faults}}}
+    return {**app, "deployments": [{**deployment, "ray_actor_options": options}]}
+
+
 @pytest.fixture(scope="module")
 def server(ray_cluster, model_a, ner_model) -> Server:
     from ray import serve
@@ -181,10 +190,9 @@ def server(ray_cluster, model_a, ner_model) -> Server:
     ner = ServeOptions(
         task="token-classification", port=port, app_name="ner", route_prefix="/ner", num_cpus=0.5
     )
-    slow_model = {**model_user_config(model_a), "_test_delay_s": 0.5}
     apps = {
         "tether": application_config(main, model_user_config(model_a)),
-        "slow": application_config(slow, slow_model),
+        "slow": with_faults(application_config(slow, model_user_config(model_a)), "delay=0.5"),
         "ner": application_config(ner, model_user_config(ner_model)),
     }
     s = Server(url=f"http://127.0.0.1:{port}", http=http_options(main), apps=apps)
@@ -419,13 +427,15 @@ def test_overload_is_rejected_quickly_with_503(server):
 @pytest.mark.ray
 def test_unexpected_error_is_500_with_request_id_and_no_traceback(server, model_a):
     """An exception inside inference becomes a 500 naming the request id, not a traceback."""
-    faulty = {**model_user_config(model_a), "_test_fail": True}
+    slow = server.apps["slow"]
     try:
-        server.redeploy("slow", faulty)
+        server.apps["slow"] = with_faults(slow, "fail")
+        deploy({"http_options": server.http, "applications": list(server.apps.values())})
         with httpx.Client(base_url=server.url, timeout=60) as c:
             response = c.post("/slow/v1/predict", json={"text": "hi"})
     finally:
-        server.redeploy("slow", {**model_user_config(model_a), "_test_delay_s": 0.5})
+        server.apps["slow"] = slow
+        deploy({"http_options": server.http, "applications": list(server.apps.values())})
     assert response.status_code == 500
     body = response.json()
     assert body["error"] == "internal_error" and "request_id" in body["message"]
@@ -506,7 +516,10 @@ def test_champion_alias_move_and_reload_serves_the_new_version(
     mlflow_client.set_registered_model_alias("svc", "champion", "1")
     champion = "models:/svc@champion"
     try:
-        server.redeploy("tether", model_user_config(resolve_model_dir(None, champion), champion))
+        first = model_user_config(resolve_model_dir(None, champion), champion)
+        assert (first["model_uri"], first["alias"]) == ("models:/svc/1", "champion")  # pinned
+        assert first["tracking_uri"] == uri  # replicas on other nodes fetch from the same store
+        server.redeploy("tether", first)
         before = client.get("/v1/model").json()
         mlflow_client.set_registered_model_alias("svc", "champion", "2")  # the alias moves
 
@@ -537,6 +550,17 @@ def test_champion_alias_move_and_reload_serves_the_new_version(
     assert after["run_id"] and after["run_id"] != before["run_id"]
     assert responses and all(r.status_code == 200 for r in responses)
     assert {r.json()["model"]["version"] for r in responses} <= {"1", "2"}
+    assert not Path(first["model_dir"]).exists(), "the replaced download is cleaned up"
+
+
+@pytest.mark.ray
+def test_deploy_on_a_running_serve_with_another_port_is_refused(server):
+    """Serve keeps its address: deploying for another port says so instead of lying."""
+    from tether.serving.deploy import DeployError
+
+    other = {**server.http, "port": free_port()}
+    with pytest.raises(DeployError, match="already running on this cluster"):
+        deploy({"http_options": other, "applications": list(server.apps.values())})
 
 
 @pytest.mark.ray
@@ -570,6 +594,8 @@ def test_shipped_serve_config_builds_the_application():
     (deployment,) = app["deployments"]
     assert deployment["name"] == DEPLOYMENT_NAME
     ModelSource.from_user_config(deployment["user_config"])  # only keys the replica knows
+    with pytest.raises(ValueError, match="unknown keys"):  # test switches are not part of it
+        ModelSource.from_user_config({"model_dir": "x", "_test_fail": True})
 
 
 def test_cli_print_config_matches_the_shipped_shape(model_a, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -177,3 +179,116 @@ def test_models_cli_lists_versions_with_aliases(good_run, store, capsys):
     assert main(["models", "--tracking-uri", f"sqlite:///{db}", "list", "toy"]) == 0
     out = capsys.readouterr().out
     assert "toy" in out and "champion" in out and "v1" in out
+
+
+def registry_client(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'gate.db'}")
+
+
+def new_version(client, name: str, value: float, **tags) -> str:
+    from tether.registry import register_version
+
+    base = {
+        "eval/accuracy": value,
+        "tether.metric": "eval/accuracy",
+        "validation_fingerprint": "fp",
+        "tether.task": "sequence-classification",
+        "tether.labels_sha256": "ab",
+    }
+    return register_version(client, f"file:///tmp/{name}-{value}", name, None, base | tags)
+
+
+def test_concurrent_promotions_settle_on_the_better_challenger(tmp_path):
+    """A (0.85) and B (0.83) gate at once against a 0.80 champion; B's alias write lands last;
+    the champion still ends as A."""
+    import threading
+
+    from tether.registry import CHAMPION, gate_champion
+
+    client = registry_client(tmp_path)
+    champion = new_version(client, "race", 0.80)
+    client.set_registered_model_alias("race", CHAMPION, champion)
+    a, b = new_version(client, "race", 0.85), new_version(client, "race", 0.83)
+    both_read = threading.Barrier(2)
+
+    class Interleaved:
+        """Both read the champion before either writes; B's first champion write lands last."""
+
+        def __init__(self, version, delay):
+            self.version, self.delay, self.first = version, delay, True
+
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def get_model_version_by_alias(self, name, alias):
+            mv = client.get_model_version_by_alias(name, alias)
+            if self.first and alias == CHAMPION:
+                both_read.wait(timeout=30)
+            return mv
+
+        def set_registered_model_alias(self, name, alias, version):
+            if alias == CHAMPION and self.first:
+                self.first = False
+                import time
+
+                time.sleep(self.delay)
+            client.set_registered_model_alias(name, alias, version)
+
+    threads = [
+        threading.Thread(
+            target=gate_champion,
+            args=(Interleaved(a, 0.0), "race", a, "eval/accuracy", "max", 0.85, "fp"),
+        ),
+        threading.Thread(
+            target=gate_champion,
+            args=(Interleaved(b, 1.0), "race", b, "eval/accuracy", "max", 0.83, "fp"),
+        ),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert str(client.get_model_version_by_alias("race", CHAMPION).version) == a
+
+
+def test_a_champion_of_another_task_is_not_gated_against(tmp_path):
+    """Registering a NER model under a classifier's name: challenger, champion untouched."""
+    from tether.registry import CHAMPION, NotComparable, gate_champion
+
+    client = registry_client(tmp_path)
+    champion = new_version(client, "shared", 0.80)
+    client.set_registered_model_alias("shared", CHAMPION, champion)
+    ner = new_version(client, "shared", 0.90, **{"tether.task": "token-classification"})
+    with pytest.raises(NotComparable, match="cannot be compared"):
+        gate_champion(client, "shared", ner, "eval/accuracy", "max", 0.90, "fp")
+    assert str(client.get_model_version_by_alias("shared", CHAMPION).version) == champion
+
+
+def test_registering_needs_a_model_name_other_than_the_default(tiny_job):
+    """The default job name 'job' is shared by every unnamed job: --register refuses it."""
+    from tether.errors import SpecError
+
+    spec = validate_job({k: v for k, v in tiny_job.items() if k != "name"})
+    with pytest.raises(SpecError, match="tracking.registered_model"):
+        run_training(spec, register=True)
+
+
+def test_logged_models_carry_tether_as_code_not_a_public_package_name(good_run, store):
+    """The logged model's requirements name no 'tether' package; its code ships with it."""
+    import mlflow
+    import yaml
+
+    _, db = store
+    uri = good_run.summary["model_uri"]
+    from tether.tracking import active_tracking_uri
+
+    with active_tracking_uri(f"sqlite:///{db}"):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    requirements = (local / "requirements.txt").read_text().split()
+    assert not [r for r in requirements if r.split("=")[0].split("@")[0].strip() == "tether"]
+    assert all("==" in r for r in requirements if r and not r.startswith("-"))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert "code" in mlmodel["flavors"]["python_function"]
+    assert (local / "code" / "tether" / "tasks" / "__init__.py").is_file()

@@ -390,9 +390,25 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
     assert "[tether] sweep resumable: 4 trials" in output
     assert "Trial status" not in output  # our one line per trial, not Tune's status table
 
+    from mlflow.tracking import MlflowClient
+
+    from tether.sweep import run_tracked_sweep
+
+    saved = json.loads((tmp_path / "runs" / "resumable" / "sweep.json").read_text())
+    assert saved["parent_run_id"], "the killed sweep recorded its MLflow parent run"
     spec = validate_job(job)
-    outcome = run_sweep(open_sweep(spec, resume=True))
+    outcome = run_tracked_sweep(open_sweep(spec, resume=True))
     rows = outcome.rows
+    # the resumed sweep reopened its parent run: every trial's child run is under it
+    assert outcome.summary["parent_run_id"] == saved["parent_run_id"]
+    client = MlflowClient(tracking_uri=saved["job"]["tracking"]["uri"])
+    parent = client.get_run(saved["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert {c.data.tags["tether.trial_id"] for c in children} == {r["trial_id"] for r in rows}
+    assert outcome.summary["registry"]["version"]
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
     for r in rows:
         attempts = (trials / r["trial_id"] / "attempts.log").read_text().split()

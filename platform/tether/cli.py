@@ -129,7 +129,7 @@ def cmd_train(args) -> int:
             register=args.register,
             allow_changes=tuple(args.allow_change),
         )
-    except RunIdentityError as e:
+    except (RunIdentityError, SpecError) as e:
         print(f"tether: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # one line at the end; Ray has already printed the traceback

@@ -257,6 +257,10 @@ def run_training(
     """
     from tether.tracking import close_run, open_run, worker_tracking
 
+    if register:  # refuse an unnamed registry entry before any work
+        from tether.registry import registered_name
+
+        registered_name(spec)
     task, data = prepared if prepared is not None else prepare_run_data(spec)
     run_name = default_run_name(spec)
     run_dir = Path(spec.storage.path) / run_name

@@ -15,6 +15,7 @@ Only load models your own platform registered: loading an MLflow model unpickles
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,10 +45,29 @@ def log_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
             artifacts={HF_ARTIFACT: str(model_dir)},
             signature=infer_signature(example, output),
             input_example=example,
-            # pinned explicitly: inferring requirements imports and probes every dependency
-            pip_requirements=["tether", "torch", "transformers", "safetensors", "pandas"],
+            # tether travels with the model as code (it is not a package on a public index:
+            # a requirement named "tether" would install whatever owns that name there)
+            code_paths=[str(Path(__file__).resolve().parents[1])],
+            pip_requirements=pinned_requirements(),
         )
     return info.model_uri
+
+
+RUNTIME = ("torch", "transformers", "tokenizers", "safetensors", "pandas", "pydantic", "numpy")
+
+
+def pinned_requirements() -> list[str]:
+    """The libraries tether's code needs at load time, pinned to what trained the model."""
+    from importlib import metadata
+
+    out = []
+    for name in RUNTIME:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        out.append(f"{name}=={version.split('+')[0]}")  # a local build tag does not resolve
+    return out
 
 
 # --------------------------------------------------------------------------- registry
@@ -119,6 +139,8 @@ def gate_champion(
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
+    if champion is not None:
+        refuse_incomparable(client, name, version, champion)
     if champion is None:
         decision = GateDecision(name, version, metric, mode, value, None, None, True)
     else:
@@ -133,11 +155,79 @@ def gate_champion(
             champ_value,
             better(value, champ_value, mode),
         )
-    if decision.promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "tether.gate", decision.describe())
     client.update_model_version(name, version, description=decision.describe())
+    if decision.promoted:
+        # it beat the champion it saw: a candidate, and the best candidate takes the alias
+        client.set_model_version_tag(name, version, PROMOTABLE, "true")
+        settle_champion(client, name, metric, mode, data_fingerprint)
     return decision
+
+
+PROMOTABLE = "tether.promotable"
+
+
+def settle_champion(
+    client, name: str, metric: str, mode: str, fingerprint: str, rounds: int = 5
+) -> str | None:
+    """Point `champion` at the best promotable version scored on the same data; re-check.
+
+    Two registrations at once can each beat the champion they read (A 0.85 and B 0.83 over
+    0.80) and move the alias in either order. Each one, after writing, recomputes the best
+    candidate from the registry and corrects the alias until it holds the best: the last
+    writer always verifies after its write, so the alias settles on A whatever the order.
+    The registry itself is the shared state, so this holds across nodes.
+    """
+    from mlflow.exceptions import MlflowException
+
+    best = None
+    for _ in range(rounds):
+        best = best_candidate(client, name, metric, mode, fingerprint)
+        if best is None:
+            return None
+        try:
+            current = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        except MlflowException:
+            current = None
+        if current == best:
+            return best
+        client.set_registered_model_alias(name, CHAMPION, best)
+    return best
+
+
+def best_candidate(client, name: str, metric: str, mode: str, fingerprint: str) -> str | None:
+    """The best version that beat the champion of its time, on this metric and data."""
+    candidates = []
+    for mv in client.search_model_versions(f"name='{name}'"):
+        tags = mv.tags or {}
+        if tags.get(PROMOTABLE) != "true" or tags.get("validation_fingerprint") != fingerprint:
+            continue
+        if tags.get("tether.metric", metric) != metric or metric not in tags:
+            continue
+        candidates.append((float(tags[metric]), -int(mv.version), str(mv.version)))
+    if not candidates:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(candidates, key=lambda c: (sign * c[0], c[1]))[2]
+
+
+class NotComparable(ValueError):
+    """The champion does something else (another task or label set): no gate can compare."""
+
+
+def refuse_incomparable(client, name: str, version: str, champion) -> None:
+    mine = client.get_model_version(name, version).tags or {}
+    theirs = champion.tags or {}
+    for key, what in (("tether.task", "task"), ("tether.labels_sha256", "label set")):
+        if key in mine and key in theirs and mine[key] != theirs[key]:
+            reason = (
+                f"{name} v{version} ({what} {mine[key][:16]}) cannot be compared with champion "
+                f"v{champion.version} ({what} {theirs[key][:16]}): registered as challenger, "
+                "champion not moved. Use another tracking.registered_model for another task, or "
+                "`tether models promote` by hand"
+            )
+            client.set_model_version_tag(name, version, "tether.gate", reason)
+            raise NotComparable(reason)
 
 
 def _champion_value(champion, metric, fingerprint, evaluate_champion, name) -> float:
@@ -149,6 +239,23 @@ def _champion_value(champion, metric, fingerprint, evaluate_champion, name) -> f
             f"champion v{champion.version} was validated on other data and no evaluator was given"
         )
     return float(evaluate_champion(f"models:/{name}/{champion.version}"))
+
+
+def registered_name(spec) -> str:
+    """tracking.registered_model, else the job's own name; never the default 'job', which
+    unrelated jobs would share (and then gate against each other's champion)."""
+    from tether.errors import SpecError
+
+    name = spec.tracking.registered_model or spec.name
+    if name == "job" and spec.tracking.registered_model is None:
+        raise SpecError(
+            [
+                "tracking.registered_model: registering needs a model name; the job is called "
+                "'job' (the default), which unrelated jobs share: set tracking.registered_model "
+                "or name"
+            ]
+        )
+    return name
 
 
 def register_and_gate(
@@ -169,13 +276,15 @@ def register_and_gate(
 
     uri = resolve_tracking_uri(spec.tracking.uri)
     client = MlflowClient(tracking_uri=uri)
-    name = spec.tracking.registered_model or spec.name
+    name = registered_name(spec)
     value = float(summary["metrics"][metric])
+    labels = json.dumps(summary.get("label_names") or [])
     tags = {
         metric: value,
         "tether.metric": metric,
         "tether.mode": mode,
         "tether.task": summary.get("task", spec.model.task),
+        "tether.labels_sha256": hashlib.sha256(labels.encode()).hexdigest(),
         "validation_fingerprint": data_fingerprint,
         "lambda": spec.objective.lam,
         "mode": spec.objective.mode,
@@ -233,7 +342,9 @@ def fetch_model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
     artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
     if HF_ARTIFACT not in artifacts:
         raise ValueError(f"{model_uri} is not a tether model (no {HF_ARTIFACT!r} artifact)")
-    folder = local / artifacts[HF_ARTIFACT]["path"]
+    folder = (local / artifacts[HF_ARTIFACT]["path"]).resolve()
+    if not folder.is_relative_to(local.resolve()):  # an MLmodel must not point anywhere else
+        raise ValueError(f"{model_uri}: its {HF_ARTIFACT} path leaves the downloaded model")
     # record which registry version this copy is, for /v1/model and logs
     card = read_card(folder)
     card["registry"] = resolve_version(uri, model_uri)

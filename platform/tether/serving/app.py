@@ -94,25 +94,24 @@ class AppArgs(BaseModel):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """The replica's user_config: which model to serve (hot-swapped by reconfigure)."""
+    """The replica's user_config: which model to serve (hot-swapped by reconfigure).
+
+    ``model_uri`` is pinned to a version (``models:/NAME/7``) by whoever deploys, so every
+    replica, started now or later on any node, loads the same weights even after the alias
+    moves; ``alias`` only says which alias it was resolved from. ``tracking_uri`` lets a
+    replica on a node without the deployer's folder fetch the model from the same registry.
+    """
 
     model_dir: str | None = None
     model_uri: str | None = None
     weights_sha256: str | None = None  # when set, the loaded weights must match
     quantize: bool = False
-    test_delay_s: float = 0.0  # tests only: a slow model, to provoke overload
-    test_fail: bool = False  # tests only: inference raises, to exercise the 500 path
+    tracking_uri: str | None = None
+    alias: str | None = None
 
     @classmethod
     def from_user_config(cls, config: dict[str, Any]) -> "ModelSource":
-        known = {
-            "model_dir",
-            "model_uri",
-            "weights_sha256",
-            "quantize",
-            "_test_delay_s",
-            "_test_fail",
-        }
+        known = {"model_dir", "model_uri", "weights_sha256", "quantize", "tracking_uri", "alias"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"user_config: unknown keys {unknown} (known: {sorted(known)})")
@@ -121,9 +120,22 @@ class ModelSource:
             model_uri=config.get("model_uri"),
             weights_sha256=config.get("weights_sha256"),
             quantize=bool(config.get("quantize", False)),
-            test_delay_s=float(config.get("_test_delay_s", 0.0)),
-            test_fail=bool(config.get("_test_fail", False)),
+            tracking_uri=config.get("tracking_uri"),
+            alias=config.get("alias"),
         )
+
+
+# Fault injection for tests, outside the production contract (args and user_config): read
+# once per replica from its environment, e.g. ray_actor_options.runtime_env.env_vars.
+FAULTS_ENV = "TETHER_TEST_FAULTS"  # "delay=0.5" (seconds per batch), "fail" (inference raises)
+
+
+def injected_faults() -> dict[str, float]:
+    faults = {}
+    for part in filter(None, os.environ.get(FAULTS_ENV, "").split(",")):
+        key, _, value = part.partition("=")
+        faults[key.strip()] = float(value or 1)
+    return faults
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,7 @@ def _env_key_sha256() -> str | None:
 
 
 def _same_model(a: "ModelSource | None", b: ModelSource) -> bool:
-    keys = ("model_dir", "model_uri", "weights_sha256", "quantize")
+    keys = ("model_dir", "model_uri", "weights_sha256", "quantize", "tracking_uri")
     return a is not None and all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
@@ -257,6 +269,7 @@ class Replica:
         self.api_key_sha256 = key_sha256.lower() if key_sha256 else None
         self.model: ServedModel | None = None
         self.source: ModelSource | None = None
+        self.faults = injected_faults()
         threads = replica_threads()
         # one inference thread: forward passes run one at a time, off the event loop, so
         # requests keep arriving (and filling the next batch) while a batch computes
@@ -271,29 +284,13 @@ class Replica:
             return
         model = await asyncio.to_thread(self._load, source)  # the old model keeps serving
         # the swap: one assignment; in-flight requests hold their own reference to the old one
-        self.model, self.source = model, source
+        old, self.model, self.source = self.model, model, source
+        if old is not None:
+            discard_download(old)  # its weights stay in memory for requests in flight
         logger.info(f"tether: serving {model.info.name} from {model.info.model_dir}")
 
     def _load(self, source: ModelSource) -> ServedModel:
-        model_dir = resolve_model_dir(source.model_dir, source.model_uri)
-        if card_task(model_dir) != self.task:
-            raise ValueError(
-                f"{model_dir} is a {card_task(model_dir)} model but this app serves {self.task}: "
-                "deploy it as a new application"
-            )
-        model = load_served_model(
-            model_dir,
-            source.model_uri,
-            quantize=source.quantize,
-            max_batch_tokens=self.max_batch_tokens,
-        )
-        expected = source.weights_sha256
-        if expected and model.info.weights_sha256 != expected:
-            raise ValueError(
-                f"{model_dir}: weights sha256 {model.info.weights_sha256[:12]} differs from the "
-                f"deployed {expected[:12]}: this node has a different copy of the model"
-            )
-        return model
+        return load_source(source, self.task, self.max_batch_tokens)
 
     def loaded_model(self) -> ServedModel:
         if self.model is None:
@@ -311,12 +308,51 @@ class Replica:
         return self.loaded_model().predictor.items(validated)
 
     def predict(self, model: ServedModel, items: list[Any]) -> list[BaseModel]:
-        source = self.source
-        if source and source.test_delay_s:
-            time.sleep(source.test_delay_s)  # blocks the inference thread like a slow model would
-        if source and source.test_fail:
-            raise RuntimeError("test fault: _test_fail is set in user_config")
+        if "delay" in self.faults:
+            time.sleep(self.faults["delay"])  # blocks the inference thread like a slow model
+        if "fail" in self.faults:
+            raise RuntimeError(f"test fault: {FAULTS_ENV} asks inference to fail")
         return model.predictor.predict(items)
+
+
+def load_source(
+    source: ModelSource, task: str, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+) -> ServedModel:
+    """Resolve and load a user_config's model; refuse another task or other weights."""
+    model_dir = resolve_model_dir(source.model_dir, source.model_uri, source.tracking_uri)
+    if card_task(model_dir) != task:
+        raise ValueError(
+            f"{model_dir} is a {card_task(model_dir)} model but this app serves {task}: "
+            "deploy it as a new application"
+        )
+    model = load_served_model(
+        model_dir,
+        source.model_uri,
+        quantize=source.quantize,
+        max_batch_tokens=max_batch_tokens,
+        alias=source.alias,
+    )
+    expected = source.weights_sha256
+    if expected and model.info.weights_sha256 != expected:
+        raise ValueError(
+            f"{model_dir}: weights sha256 {model.info.weights_sha256[:12]} differs from the "
+            f"deployed {expected[:12]}: this node has a different copy of the model"
+        )
+    return model
+
+
+def discard_download(model: ServedModel) -> None:
+    """Delete a replaced model's registry download (a private temp copy), not a user folder."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(model.info.model_dir)
+    tmp = Path(tempfile.gettempdir()).resolve()
+    for parent in [folder, *folder.parents]:
+        if parent.parent == tmp and parent.name.startswith("tether-model-"):
+            shutil.rmtree(parent, ignore_errors=True)
+            return
 
 
 def make_deployment(args: AppArgs):

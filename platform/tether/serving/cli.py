@@ -76,6 +76,10 @@ def register(subparsers) -> None:
         help="Ray Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: direct ingress,"
         " gRPC between proxy and replicas); applies to a cluster this command starts",
     )
+    p.add_argument(
+        "--tracking-uri",
+        help="the registry of --model-uri (default MLFLOW_TRACKING_URI, else ./mlflow.db); replicas use it too",
+    )
     p.add_argument("--reload", action="store_true", help="swap the model of a running server")
     p.add_argument("--print-config", action="store_true", help="print the Serve config YAML")
     p.set_defaults(handler=cmd_serve)
@@ -162,16 +166,22 @@ def resolve_user_config(args: argparse.Namespace) -> dict:
     same config), so on a reload it would replace a working model with an outage: it must
     fail here instead, with exit status 2.
     """
+    from tether.config import resolve_tracking_uri
     from tether.serving.deploy import model_user_config
     from tether.serving.model import ModelSourceError, load_served_model, resolve_model_dir
 
+    tracking_uri = resolve_tracking_uri(args.tracking_uri) if args.model_uri else None
     # a URI is always re-resolved (on --reload the alias may have moved)
-    model_dir = resolve_model_dir(None if args.model_uri else args.model_dir, args.model_uri)
+    model_dir = resolve_model_dir(
+        None if args.model_uri else args.model_dir, args.model_uri, tracking_uri
+    )
     try:
         load_served_model(model_dir, args.model_uri, quantize=args.quantize)
     except Exception as e:
         raise ModelSourceError(f"{model_dir} does not load: {type(e).__name__}: {e}") from e
-    return model_user_config(model_dir, args.model_uri, quantize=args.quantize)
+    return model_user_config(
+        model_dir, args.model_uri, quantize=args.quantize, tracking_uri=tracking_uri
+    )
 
 
 # --------------------------------------------------------------------------- serving

@@ -102,20 +102,36 @@ class ServeOptions:
 
 
 def model_user_config(
-    model_dir: Path, model_uri: str | None = None, quantize: bool = False
+    model_dir: Path,
+    model_uri: str | None = None,
+    quantize: bool = False,
+    tracking_uri: str | None = None,
 ) -> dict:
     """The replica's user_config: changing it hot-swaps the model in place.
 
-    The weights hash makes a retrained model in the same directory a change, and lets a
-    replica on another node check that its copy is the one the CLI resolved.
+    A registry URI is pinned to the version its alias points at *now* (``models:/demo/3``),
+    so replicas started later load the same weights; the tracking URI goes along, so a
+    replica on another node fetches from the same registry. The weights hash makes a
+    retrained model in the same directory a change, and lets a replica check its copy.
     """
     from tether.serving.model import weights_sha256
 
+    alias = None
+    if model_uri:
+        from tether.config import resolve_tracking_uri
+        from tether.registry import resolve_version
+
+        tracking_uri = resolve_tracking_uri(tracking_uri)
+        resolved = resolve_version(tracking_uri, model_uri)
+        alias = resolved["alias"]
+        model_uri = f"models:/{resolved['name']}/{resolved['version']}"
     return {
         "model_dir": str(model_dir),
         "model_uri": model_uri,
         "weights_sha256": weights_sha256(Path(model_dir)),
         "quantize": quantize,
+        "tracking_uri": tracking_uri if model_uri else None,
+        "alias": alias,
     }
 
 
@@ -194,9 +210,23 @@ def deploy(config: dict[str, Any], timeout_s: float = 300.0) -> None:
     schema = ServeDeploySchema.model_validate(config)
     names = [app.name for app in schema.applications]
     client = serve_start(http_options=config.get("http_options"))
+    refuse_other_address(client, config.get("http_options") or {})
     refuse_to_delete_other_apps(names)
     client.deploy_apps(schema)
     wait_until_running(names, timeout_s)
+
+
+def refuse_other_address(client, wanted: dict[str, Any]) -> None:
+    """A running Serve keeps its HTTP address (Ray only logs a warning): say so instead of
+    printing an address nothing listens on."""
+    actual = client.http_config
+    for key in ("host", "port"):
+        if key in wanted and getattr(actual, key, wanted[key]) != wanted[key]:
+            raise DeployError(
+                f"Serve is already running on this cluster at {actual.host}:{actual.port}; it "
+                f"cannot also listen on {wanted.get('host')}:{wanted.get('port')}. Use that "
+                "address, or `serve shutdown` first (or another cluster)"
+            )
 
 
 def refuse_to_delete_other_apps(names: list[str]) -> None:

@@ -34,7 +34,11 @@ _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<
 # --------------------------------------------------------------------------- resolution
 
 
-def resolve_model_dir(model_dir: str | Path | None = None, model_uri: str | None = None) -> Path:
+def resolve_model_dir(
+    model_dir: str | Path | None = None,
+    model_uri: str | None = None,
+    tracking_uri: str | None = None,
+) -> Path:
     """The local directory to load: ``model_dir`` if it exists here, else fetched by ``model_uri``.
 
     The one place a model source becomes a directory. The CLI resolves a URI (to fail before
@@ -44,7 +48,7 @@ def resolve_model_dir(model_dir: str | Path | None = None, model_uri: str | None
     if model_dir is not None and Path(model_dir).is_dir():
         path = Path(model_dir)
     elif model_uri:
-        path = fetch_registered_model(model_uri)
+        path = fetch_registered_model(model_uri, tracking_uri)
     elif model_dir is not None:
         raise ModelSourceError(f"model_dir: {model_dir} is not a directory")
     else:
@@ -53,7 +57,7 @@ def resolve_model_dir(model_dir: str | Path | None = None, model_uri: str | None
     return path.resolve()
 
 
-def fetch_registered_model(model_uri: str) -> Path:
+def fetch_registered_model(model_uri: str, tracking_uri: str | None = None) -> Path:
     """Download a registered model (``models:/NAME@ALIAS``) through tether.registry."""
     if not _REGISTRY_URI.match(model_uri):
         raise ModelSourceError(
@@ -65,7 +69,7 @@ def fetch_registered_model(model_uri: str) -> Path:
         if e.name != "tether.registry":
             raise
         raise ModelSourceError(REGISTRY_MISSING) from None
-    return Path(fetch_model_dir(model_uri))
+    return Path(fetch_model_dir(model_uri, tracking_uri))
 
 
 def check_model_dir(path: Path) -> None:
@@ -181,16 +185,22 @@ def load_served_model(
     *,
     quantize: bool = False,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    alias: str | None = None,
 ) -> ServedModel:
-    """Load weights (safetensors only, never remote code), tokenizer and card from a directory."""
+    """Load weights (safetensors only, never remote code), tokenizer and card from a directory.
+
+    ``alias``: the alias a pinned ``models:/NAME/VERSION`` was resolved from (for display)."""
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
     card_task(model_dir)
     card = read_card(model_dir)
     task = task_for_card(card)
     predictor = task.predictor(model_dir, card, max_batch_tokens, quantize)
+    identity = registry_identity(model_uri, card, default_name=model_dir.name)
+    if alias:
+        identity["alias"] = alias
     info = ModelInfo(
-        **registry_identity(model_uri, card, default_name=model_dir.name),
+        **identity,
         model_dir=str(model_dir),
         model_uri=model_uri,
         task=task.name,

@@ -244,7 +244,7 @@ def make_generation_deployment(args):
         replica_threads,
     )
     from tether.serving.deploy import DEPLOYMENT_NAME
-    from tether.serving.model import ServedModel, card_task, load_served_model, resolve_model_dir
+    from tether.serving.model import ServedModel
 
     limits = args.limits()
     ChatRequest, CompletionRequest = request_models(
@@ -292,22 +292,19 @@ def make_generation_deployment(args):
             engine = TransformersEngine(
                 model.predictor, self.args.max_batch_size, self.args.max_waiting
             )
-            old = self.engine
+            from tether.serving.app import discard_download
+
+            old, old_model = self.engine, self.model
             # the swap: new requests go to the new engine; running ones finish on the old
             self.model, self.engine, self.source = model, engine, source
             if old is not None:
                 old.retire()
+                discard_download(old_model)
 
         def _load(self, source) -> ServedModel:
-            model_dir = resolve_model_dir(source.model_dir, source.model_uri)
-            if card_task(model_dir) != self.args.task:
-                raise ValueError(
-                    f"{model_dir} is a {card_task(model_dir)} model; this app serves {self.args.task}"
-                )
-            model = load_served_model(model_dir, source.model_uri, quantize=source.quantize)
-            if source.weights_sha256 and model.info.weights_sha256 != source.weights_sha256:
-                raise ValueError(f"{model_dir}: weights differ from the deployed ones")
-            return model
+            from tether.serving.app import load_source
+
+            return load_source(source, self.args.task)
 
         def check_health(self) -> None:
             if self.model is None:

@@ -80,11 +80,40 @@ class CloseStoppedChildRuns(Callback):
 
 
 def child_runs(client, parent_run_id: str, trial_id: str | None = None) -> list:
+    """The sweep's child runs (or one trial's), newest first. With a trial id the search
+    spans the experiment: a trial finished before a resume keeps its run, wherever it is."""
     parent = client.get_run(parent_run_id)
-    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
     if trial_id:
-        query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
-    return client.search_runs([parent.info.experiment_id], filter_string=query)
+        query = f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`tether.sweep` = '{parent.data.tags.get('tether.sweep', '')}'"
+    else:
+        query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    return client.search_runs(
+        [parent.info.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"]
+    )
+
+
+def open_parent(sweep, uri: str) -> RunRecorder | None:
+    """The sweep's MLflow parent run: reopened when the sweep is resumed (its id is kept in
+    sweep.json), else a new one, whose id is then recorded there."""
+    from tether.sweep.trial import write_json
+
+    saved_path = Path(sweep.dir) / "sweep.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    if sweep.resumed and saved.get("parent_run_id"):
+        recorder = RunRecorder(uri, sweep.spec.tracking.experiment)
+        recorder.run_id = saved["parent_run_id"]
+        recorder._call("reopen run", recorder.client.update_run, recorder.run_id, status="RUNNING")
+        return recorder
+    parent = open_run(
+        sweep.spec,
+        sweep.name,
+        sweep.data,
+        extra_tags={"tether.sweep": sweep.name, "tether.role": "sweep"},
+        task=sweep.task,
+    )
+    if parent is not None and parent.run_id and saved:
+        write_json(saved_path, saved | {"parent_run_id": parent.run_id})
+    return parent
 
 
 def run_tracked_sweep(sweep, *, verbose: bool = False) -> SweepOutcome:
@@ -95,15 +124,9 @@ def run_tracked_sweep(sweep, *, verbose: bool = False) -> SweepOutcome:
         outcome.summary.update(tracking="off", parent_run_id=None)
         return outcome
     uri = resolve_tracking_uri(spec.tracking.uri)
-    parent = open_run(
-        spec,
-        sweep.name,
-        sweep.data,
-        extra_tags={"tether.sweep": sweep.name, "tether.role": "sweep"},
-        task=sweep.task,
-    )
+    parent = open_parent(sweep, uri)
     parent_id = parent.run_id if parent else None
-    if parent_id and sweep.spec.tune is not None:
+    if parent_id and sweep.spec.tune is not None and not sweep.resumed:
         parent.log_text(
             json.dumps(sweep.spec.tune.model_dump(mode="json"), indent=2), "search_space.json"
         )
@@ -125,7 +148,10 @@ def run_tracked_sweep(sweep, *, verbose: bool = False) -> SweepOutcome:
         parent_run_id=parent_id, tracking="ok" if parent and not parent.errors else "degraded"
     )
     if parent_id and summary.get("best"):
-        summary["registry"] = register_best(sweep, summary, uri, parent_id)
+        try:
+            summary["registry"] = register_best(sweep, summary, uri, parent_id)
+        except Exception as e:  # the sweep is done and on disk: say what registering could not do
+            summary["registry"] = {"error": f"{type(e).__name__}: {e}"}
         if summary["registry"]:
             summary["model_uri"] = summary["registry"]["model_uri"]
             summary["champion_uri"] = summary["registry"].get("champion_uri")
@@ -167,7 +193,8 @@ def register_best(sweep, summary: dict[str, Any], uri: str, parent_id: str) -> d
         return {"error": "not registered: the best trial has no model (its checkpoints are gone)"}
     client = MlflowClient(tracking_uri=uri)
     runs = child_runs(client, parent_id, best.get("trial_id"))
-    run_id = runs[0].info.run_id if runs else parent_id
+    finished = [r for r in runs if r.info.status == "FINISHED"] or runs
+    run_id = finished[0].info.run_id if finished else parent_id
     model_uri = log_model(uri, run_id, Path(best["model_dir"]))
     record = {
         "metrics": best.get("best_metrics") or best["metrics"],
@@ -175,6 +202,7 @@ def register_best(sweep, summary: dict[str, Any], uri: str, parent_id: str) -> d
         "mlflow_run_id": run_id,
         "run_dir": str(Path(best["model_dir"]).parent),
         "task": sweep.task.name,
+        "label_names": sweep.data.label_names,
     }
     spec = trial_spec(sweep.spec.to_dict(), best["config"])
     return register_model(spec, sweep.task, record, sweep.data, sweep.metric, sweep.mode)
