@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tether.submit import entrypoint, follow, submit
+from tether.submit import entrypoint, follow, read_token_file, submit
 
 from .helpers import free_port
 
@@ -87,6 +87,45 @@ def test_invalid_spec_is_rejected_before_submission(tmp_path):
         submit(job, ["objective.lambda=-1"], address="http://127.0.0.1:9", working_dir=tmp_path)
 
 
+def test_home_directory_is_refused_as_the_upload(tmp_path, monkeypatch):
+    """Run from $HOME (or above it), the upload would carry the whole account: refused before
+    any cluster is contacted."""
+    home = tmp_path / "home"
+    (home / "jobs").mkdir(parents=True)
+    (home / "jobs" / "x.yaml").write_text("name: x\n")
+    monkeypatch.setenv("HOME", str(home))
+    for folder in (home, tmp_path):
+        with pytest.raises(ValueError, match="home directory"):
+            submit(home / "jobs" / "x.yaml", [], address="http://127.0.0.1:9", working_dir=folder)
+
+
+def test_tokens_come_from_a_file_not_argv(tmp_path, capsys):
+    """--token-file is read (stripped); a missing or empty one is a clear exit-2 error, and
+    there is no --token flag that `ps` would show."""
+    from tether.cli import main
+
+    (tmp_path / "token").write_text("s3cret\n")
+    assert read_token_file(tmp_path / "token") == "s3cret"
+    assert read_token_file(None) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_token_file(tmp_path / "empty")
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\n")
+    argv = [
+        "submit",
+        str(job),
+        "--working-dir",
+        str(tmp_path),
+        "--token-file",
+        str(tmp_path / "no"),
+    ]
+    assert main(argv) == 2
+    assert "--token-file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["submit", str(job), "--token", "s3cret"])
+
+
 def test_submitted_train_job_spans_both_nodes_and_writes_shared_storage(
     two_node_cluster, tiny_model_dir, easy_csv, tmp_path, capsys
 ):
@@ -96,6 +135,12 @@ def test_submitted_train_job_spans_both_nodes_and_writes_shared_storage(
     work = tmp_path / "work"
     (work / "jobs").mkdir(parents=True)
     (work / "jobs" / "tiny.yaml").write_text("# Launch: tether submit jobs/tiny.yaml\nname: tiny\n")
+    # credentials a project folder tends to collect, none of them git-ignored here
+    secrets = [".env", "keys/id_rsa", ".aws/credentials", "certs/server.pem", ".netrc"]
+    for name in secrets:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text("do-not-upload\n")
+    (work / "notes.txt").write_text("ordinary project file\n")
     storage = tmp_path / "shared-storage"  # stands in for NFS/S3: every node sees this path
     overrides = [
         f"model.name={tiny_model_dir}",
@@ -112,9 +157,21 @@ def test_submitted_train_job_spans_both_nodes_and_writes_shared_storage(
         "tracking.enabled=false",
     ]
     client, sid = submit(work / "jobs" / "tiny.yaml", overrides, address=address, working_dir=work)
+    printed = capsys.readouterr().out
+    assert "uploading" in printed and "2 files" in printed, printed  # tiny.yaml, notes.txt
+    assert all(name in printed for name in secrets), printed
     status = follow(client, sid)
     logs = client.get_job_logs(sid)
     assert status == "SUCCEEDED", logs[-3000:]
+    # what the cluster unpacked: the project files, none of the credentials
+    cluster, _ = two_node_cluster
+    unpacked = Path(cluster.head_node.get_session_dir_path()) / "runtime_resources"
+    packages = [p.parents[1] for p in unpacked.rglob("jobs/tiny.yaml")]
+    assert packages, f"no unpacked working dir under {unpacked}"
+    for package in packages:
+        assert (package / "notes.txt").is_file()
+        shipped = {str(p.relative_to(package)) for p in package.rglob("*") if p.is_file()}
+        assert not shipped & set(secrets), shipped
     # our progress lines reach the job's log; Train V2's per-report INFO dump does not
     assert "[tether] step" in logs and "Reporting training result" not in logs, logs[-3000:]
     run_dir = storage / "on-cluster"
@@ -122,7 +179,6 @@ def test_submitted_train_job_spans_both_nodes_and_writes_shared_storage(
     final = run_dir / "checkpoint_000006"
     workers = [json.loads((final / f"worker_rank{r}.json").read_text()) for r in (0, 1)]
     node_ids = {w["node_id"] for w in workers}
-    cluster, _ = two_node_cluster
     assert len(node_ids) == 2 and None not in node_ids
     assert node_ids <= {n.node_id for n in cluster.list_all_nodes()}
     assert (run_dir / "model" / "model.safetensors").is_file()

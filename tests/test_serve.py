@@ -622,6 +622,7 @@ def test_cli_print_config_matches_the_shipped_shape(model_a, capsys):
         (["--model-uri", "runs:/abc/model"], "is not models:/NAME@ALIAS"),
         (["--model-dir", "/no/such/dir"], "is not a directory"),
         (["--model-dir", ".", "--autoscale", "3,1"], "autoscale"),
+        (["--model-dir", ".", "--api-key-file", "/no/such/key"], "--api-key-file /no/such/key"),
     ],
 )
 def test_cli_rejects_unusable_models_before_starting_ray(argv, message, capsys):
@@ -630,6 +631,25 @@ def test_cli_rejects_unusable_models_before_starting_ray(argv, message, capsys):
 
     assert main(["serve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_api_key_comes_from_a_file_or_the_environment_never_argv(tmp_path, monkeypatch):
+    """`ps` shows argv to every local user: the key is read from --api-key-file (or
+    TETHER_API_KEY) and only its hash reaches the app's config; there is no --api-key flag."""
+    from tether.cli import build_parser
+    from tether.serving.cli import options_from_args
+
+    parser = build_parser()
+    key_file = tmp_path / "key"
+    key_file.write_text("k3y\n")
+    monkeypatch.delenv("TETHER_API_KEY", raising=False)
+    args = parser.parse_args(["serve", "--model-dir", ".", "--api-key-file", str(key_file)])
+    assert options_from_args(args).api_key_sha256 == hashlib.sha256(b"k3y").hexdigest()
+    monkeypatch.setenv("TETHER_API_KEY", "from-env")
+    args = parser.parse_args(["serve", "--model-dir", "."])
+    assert options_from_args(args).api_key_sha256 == hashlib.sha256(b"from-env").hexdigest()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--model-dir", ".", "--api-key", "k3y"])
 
 
 def test_cli_without_registry_module_says_to_use_model_dir(monkeypatch, capsys):

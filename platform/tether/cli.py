@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         import importlib
 
         importlib.import_module(module).register(sub)
+    # no prefix matching: a removed flag (`--token`, `--api-key`) must fail, not silently
+    # become the longer one it abbreviates (`--token-file`)
+    parser.allow_abbrev = False
+    for command in sub.choices.values():
+        command.allow_abbrev = False
     return parser
 
 

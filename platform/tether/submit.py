@@ -5,7 +5,13 @@
 The spec is validated here first (schema and overrides; data paths are checked again on the
 cluster, where they must exist), then the current directory is uploaded as the job's working
 dir and ``tether train|tune`` runs there. Ray's token auth is honoured: the Jobs client sends
-the token from RAY_AUTH_TOKEN / ~/.ray/auth_token, or the one given with --token.
+the token from RAY_AUTH_TOKEN / ~/.ray/auth_token, or the one read from --token-file (never
+from argv, where `ps` shows it to every user of the machine).
+
+The upload is a package every job on the cluster can read, so secrets never go: credential
+files (.env, keys, .netrc, cloud and SSH folders, tokens) are excluded whatever .gitignore
+says, the home directory is refused as a working dir, and the size and file count are printed
+before anything is sent.
 
 The Jobs API runs arbitrary code (CVE-2023-48022): keep port 8265 private (SSH tunnel, VPN),
 never open it to a network without auth.
@@ -35,6 +41,34 @@ UPLOAD_EXCLUDES = [
     ".ruff_cache",
     "benchmarks/results",
 ]
+# credentials, wherever they sit in the tree (gitignore syntax, as Ray's excludes are)
+SECRET_EXCLUDES = [
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".netrc",
+    ".git-credentials",
+    ".pypirc",
+    ".npmrc",
+    ".aws/",
+    ".azure/",
+    ".config/gcloud/",
+    ".kube/",
+    ".docker/",
+    ".ssh/",
+    ".ray/",
+    ".cache/",
+    ".huggingface/",
+    "auth_token",
+    "*token*.txt",
+]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -54,7 +88,12 @@ def register(subparsers) -> None:
         default=Path.cwd(),
         help="directory uploaded as the job's working dir (default: here)",
     )
-    p.add_argument("--token", default=None, help="Ray auth token (default: Ray's own lookup)")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file holding the Ray auth token (default: $RAY_AUTH_TOKEN or ~/.ray/auth_token)",
+    )
     p.add_argument("--follow", action="store_true", help="stream logs; exit with the job's status")
     p.add_argument("--submission-id", default=None, help="choose the submission id")
     p.set_defaults(handler=cmd_submit)
@@ -71,6 +110,53 @@ def make_client(address: str, token: str | None):
 
     headers = {"Authorization": f"Bearer {token}"} if token else None
     return JobSubmissionClient(address, headers=headers)
+
+
+def read_token_file(path: Path | None) -> str | None:
+    """The token in ``path`` (one line), or None to let Ray look it up."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"--token-file {path}: cannot read it ({e.strerror})") from None
+    if not token:
+        raise ValueError(f"--token-file {path} is empty")
+    return token
+
+
+def check_working_dir(working_dir: Path) -> None:
+    """Refuse folders whose upload would carry a user's whole account to the cluster."""
+    home = Path.home().resolve()
+    if working_dir == home or working_dir in home.parents:
+        raise ValueError(
+            f"refusing to upload {working_dir}: it is (or holds) your home directory; "
+            "run from the project folder or pass --working-dir"
+        )
+
+
+def upload_contents(working_dir: Path, excludes: list[str]) -> tuple[int, int, list[str]]:
+    """(files, bytes) Ray will upload, with the same exclude rules (its own walk, .gitignore
+    included unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1), and the secret files left out."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    counted = {"files": 0, "bytes": 0}
+    withheld: list[str] = []
+    secret = _get_excludes(working_dir, SECRET_EXCLUDES)
+    others = [e for e in excludes if e not in SECRET_EXCLUDES]
+
+    def count(path: Path) -> None:
+        if not path.is_file():
+            return
+        if secret(path):
+            withheld.append(str(path.relative_to(working_dir)))
+        else:
+            counted["files"] += 1
+            counted["bytes"] += path.stat().st_size
+
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    _dir_travel(working_dir, [_get_excludes(working_dir, others)], count, include_gitignore)
+    return counted["files"], counted["bytes"], sorted(withheld)
 
 
 def submit(
@@ -95,13 +181,20 @@ def submit(
             f"job spec {job} is not inside the uploaded directory {working_dir}"
         ) from None
     load_job(job_path, overrides, check_files=False)  # schema errors stop here, before any upload
+    check_working_dir(working_dir)
+    excludes = UPLOAD_EXCLUDES + SECRET_EXCLUDES
+    files, size, withheld = upload_contents(working_dir, excludes)
+    print(f"tether: uploading {working_dir}: {files} files, {size / 2**20:.1f} MiB", flush=True)
+    if withheld:
+        shown = ", ".join(withheld[:8]) + (" …" if len(withheld) > 8 else "")
+        print(f"tether: left out as secrets: {shown}", flush=True)
     client = make_client(address, token)
     request = {
         "entrypoint": entrypoint(job_rel, overrides, tune),
         "submission_id": submission_id,
         "runtime_env": {
             "working_dir": str(working_dir),
-            "excludes": UPLOAD_EXCLUDES,
+            "excludes": excludes,
             "env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"},
         },
         "metadata": {"tether.job": job_rel, "tether.command": "tune" if tune else "train"},
@@ -142,13 +235,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     address = args.address or DEFAULT_ADDRESS
     try:
+        token = read_token_file(args.token_file)
         client, sid = submit(
             args.job,
             args.overrides,
             tune=args.tune,
             address=address,
             working_dir=args.working_dir,
-            token=args.token,
+            token=token,
             submission_id=args.submission_id,
         )
     except (SpecError, ValueError) as e:

@@ -1,7 +1,7 @@
 """``tether serve``: deploy a trained model on Ray Serve and block until Ctrl-C.
 
     tether serve --model-dir runs/demo/model                    # http://127.0.0.1:8000
-    tether serve --model-uri models:/demo@champion --autoscale 1,4 --api-key KEY
+    tether serve --model-uri models:/demo@champion --autoscale 1,4 --api-key-file ~/.tether-key
     tether serve --model-dir ... --print-config > serve/my.yaml  # the same app for `serve deploy`
     tether serve --model-uri models:/demo@champion --reload     # swap a running server's model
     tether serve --model-dir ... --throughput-optimized        # Ray Serve's high-throughput mode
@@ -64,7 +64,11 @@ def register(subparsers) -> None:
     p.add_argument(
         "--generation-timeout-s", type=float, default=120.0, help="LLMs: decoding time per request"
     )
-    p.add_argument("--api-key", help=f"require this bearer token on /v1/* (or ${API_KEY_ENV})")
+    p.add_argument(
+        "--api-key-file",
+        type=Path,
+        help=f"require the bearer token in this file on /v1/* (or ${API_KEY_ENV}; never argv)",
+    )
     p.add_argument("--quantize", action="store_true", help="dynamic int8 Linear layers (CPU)")
     p.add_argument(
         "--address",
@@ -131,10 +135,23 @@ def enable_throughput_mode(address: str | None) -> None:
         )
 
 
+def read_api_key(path: Path | None) -> str | None:
+    """The key in ``path`` (whitespace stripped): a file, so `ps` never shows it."""
+    if path is None:
+        return None
+    try:
+        key = path.expanduser().read_text().strip()
+    except OSError as e:
+        raise ValueError(f"--api-key-file {path}: cannot read it ({e.strerror})") from None
+    if not key:
+        raise ValueError(f"--api-key-file {path} is empty")
+    return key
+
+
 def options_from_args(args: argparse.Namespace, task: str = "sequence-classification"):
     from tether.serving.deploy import ServeOptions
 
-    key = args.api_key or os.environ.get(API_KEY_ENV)
+    key = read_api_key(args.api_key_file) or os.environ.get(API_KEY_ENV)
     return ServeOptions(
         task=task,
         host=args.host,
