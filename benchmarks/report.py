@@ -247,6 +247,36 @@ def render_serve_load(d: dict[str, Any]) -> str:
     )
 
 
+def render_serve_generation(d: dict[str, Any]) -> str:
+    rows = [
+        [
+            c.get("server"),
+            c.get("clients"),
+            c.get("output_tokens_per_s"),
+            c.get("ttft_p50_s"),
+            c.get("ttft_p99_s"),
+            c.get("latency_p50_s"),
+            c.get("latency_p99_s"),
+            c.get("requests"),
+            c.get("errors"),
+        ]
+        for c in d["cells"]
+    ]
+    s = d.get("settings", {})
+    head = (
+        f"{fmt(s.get('duration_s'))} s per cell after {fmt(s.get('warmup_s'))} s warm-up, "
+        f"{fmt(s.get('max_tokens'))} new tokens asked per request, greedy, "
+        f"{fmt(s.get('threads'))} torch threads per server; bare `generate` first token "
+        f"{fmt(d.get('bare_first_token_s'))} s.\n\n"
+    )
+    table = md_table(
+        ["server", "clients", "tokens/s", "TTFT p50 s", "TTFT p99 s", "lat p50 s", "lat p99 s"]
+        + ["requests", "errors"],
+        rows,
+    )
+    return head + table + (f"\n\n{d['verdict']}" if d.get("verdict") else "")
+
+
 def render_gpu(d: dict[str, Any]) -> str:
     m, s = d.get("machine", {}), d["settings"]
     rows = [
@@ -371,6 +401,17 @@ BENCHMARKS = (
         f"{PY} benchmarks/serve_load.py",
         f"{PY} benchmarks/serve_load.py --quick",
         render_serve_load,
+    ),
+    Benchmark(
+        "serve_generation",
+        "LLM serving: OpenAI-compatible streaming generation",
+        "output tokens/s, time to first token and latency of tether serve (continuous batching) "
+        "vs a naive FastAPI server (one generate at a time), SmolLM2-135M, C = 1, 4, 16 "
+        "(targets: ≥ 3× naive tokens/s at C = 16 with lower p99 latency; TTFT at C = 1 within "
+        "20 % of a bare generate's first token)",
+        f"{PY} benchmarks/serve_generation.py",
+        f"{PY} benchmarks/serve_generation.py --quick",
+        render_serve_generation,
     ),
     Benchmark(
         "hpo_efficiency",
@@ -563,6 +604,34 @@ def glance_rows(name: str, d: dict[str, Any]) -> list[list[str]]:
         return [
             [f"requests/s at {top} clients", "batching beats naive", cells, f"{fastest} fastest"]
         ]
+    if name == "serve_generation":
+        cells = {(c["server"], c["clients"]): c for c in d["cells"]}
+        top = max(c["clients"] for c in d["cells"])
+        t, n = cells.get(("tether", top)), cells.get(("naive", top))
+        rows = []
+        if t and n and n["output_tokens_per_s"]:
+            ratio = t["output_tokens_per_s"] / n["output_tokens_per_s"]
+            faster = ratio >= 3 and (t["latency_p99_s"] or 0) < (n["latency_p99_s"] or 0)
+            rows.append(
+                [
+                    f"tokens/s at C = {top}, tether / naive",
+                    "≥ 3×, lower p99",
+                    f"{ratio:.2f}× (p99 {fmt(t['latency_p99_s'])} vs {fmt(n['latency_p99_s'])} s)",
+                    verdict(faster),
+                ]
+            )
+        one, bare = cells.get(("tether", 1)), d.get("bare_first_token_s")
+        if one and bare and one.get("ttft_p50_s"):
+            over = one["ttft_p50_s"] / bare - 1
+            rows.append(
+                [
+                    "TTFT p50 at C = 1 vs bare generate",
+                    "within 20 %",
+                    f"{one['ttft_p50_s']:.3f} vs {bare:.3f} s ({over:+.0%})",
+                    verdict(over <= 0.20),
+                ]
+            )
+        return rows
     return []
 
 
