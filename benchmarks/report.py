@@ -224,19 +224,14 @@ def render_quality(d: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def columns(records: list[dict[str, Any]], keys: list[str]) -> list[list[Any]]:
+    """One table row per record: its values at ``keys`` (None where missing)."""
+    return [[r.get(k) for k in keys] for r in records]
+
+
 def render_serve_load(d: dict[str, Any]) -> str:
-    rows = [
-        [
-            r.get("server"),
-            r.get("concurrency"),
-            r.get("requests_per_s"),
-            r.get("p50_ms"),
-            r.get("p99_ms"),
-            r.get("errors"),
-            r.get("mean_batch_size"),
-        ]
-        for r in d["results"]
-    ]
+    keys = ["server", "concurrency", "requests_per_s", "p50_ms", "p99_ms", "errors"]
+    rows = columns(d["results"], keys + ["mean_batch_size"])
     s = d.get("settings", {})
     return (
         f"{fmt(s.get('duration_s'))} s per cell, server CPUs {fmt(s.get('cpus'))}, "
@@ -248,20 +243,8 @@ def render_serve_load(d: dict[str, Any]) -> str:
 
 
 def render_serve_generation(d: dict[str, Any]) -> str:
-    rows = [
-        [
-            c.get("server"),
-            c.get("clients"),
-            c.get("output_tokens_per_s"),
-            c.get("ttft_p50_s"),
-            c.get("ttft_p99_s"),
-            c.get("latency_p50_s"),
-            c.get("latency_p99_s"),
-            c.get("requests"),
-            c.get("errors"),
-        ]
-        for c in d["cells"]
-    ]
+    keys = ["server", "clients", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s"]
+    rows = columns(d["cells"], [*keys, "latency_p50_s", "latency_p99_s", "requests", "errors"])
     s = d.get("settings", {})
     head = (
         f"{fmt(s.get('duration_s'))} s per cell after {fmt(s.get('warmup_s'))} s warm-up, "

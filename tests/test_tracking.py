@@ -236,20 +236,25 @@ def test_concurrent_promotions_settle_on_the_better_challenger(tmp_path):
                 time.sleep(self.delay)
             client.set_registered_model_alias(name, alias, version)
 
+    errors = []
+
+    def gate(version, delay, value):
+        try:
+            gate_champion(
+                Interleaved(version, delay), "race", version, "eval/accuracy", "max", value, "fp"
+            )
+        except Exception as e:  # both gates must finish: a lost alias write is no excuse
+            errors.append(e)
+
     threads = [
-        threading.Thread(
-            target=gate_champion,
-            args=(Interleaved(a, 0.0), "race", a, "eval/accuracy", "max", 0.85, "fp"),
-        ),
-        threading.Thread(
-            target=gate_champion,
-            args=(Interleaved(b, 1.0), "race", b, "eval/accuracy", "max", 0.83, "fp"),
-        ),
+        threading.Thread(target=gate, args=(a, 0.0, 0.85)),
+        threading.Thread(target=gate, args=(b, 1.0, 0.83)),
     ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
+    assert errors == []
     assert str(client.get_model_version_by_alias("race", CHAMPION).version) == a
 
 
@@ -292,3 +297,32 @@ def test_logged_models_carry_tether_as_code_not_a_public_package_name(good_run, 
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     assert "code" in mlmodel["flavors"]["python_function"]
     assert (local / "code" / "tether" / "tasks" / "__init__.py").is_file()
+
+
+def test_an_alias_write_that_loses_a_race_is_retried(tmp_path):
+    """MLflow's SQL store sets an alias by read-then-insert: a writer that loses the race gets
+    a unique-key violation, and set_alias retries it onto the update path."""
+    from mlflow.exceptions import MlflowException
+
+    from tether.registry import CHAMPION, set_alias
+
+    client = registry_client(tmp_path)
+    v1, v2 = new_version(client, "busy", 0.80), new_version(client, "busy", 0.90)
+    calls = []
+
+    class LosesOnce:
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def set_registered_model_alias(self, name, alias, version):
+            calls.append(version)
+            if len(calls) == 1:  # the other writer inserted the row between our read and write
+                client.set_registered_model_alias(name, alias, v1)
+                raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: ...")
+            client.set_registered_model_alias(name, alias, version)
+
+    set_alias(LosesOnce(), "busy", CHAMPION, v2)
+    assert calls == [v2, v2]
+    assert str(client.get_model_version_by_alias("busy", CHAMPION).version) == v2
+    with pytest.raises(MlflowException):  # a real error is not retried into silence
+        set_alias(client, "busy", CHAMPION, "99")

@@ -135,7 +135,7 @@ def check_working_dir(working_dir: Path) -> None:
         )
 
 
-def upload_contents(working_dir: Path, excludes: list[str]) -> tuple[int, int, list[str]]:
+def upload_contents(working_dir: Path) -> tuple[int, int, list[str]]:
     """(files, bytes) Ray will upload, with the same exclude rules (its own walk, .gitignore
     included unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1), and the secret files left out."""
     from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
@@ -143,7 +143,6 @@ def upload_contents(working_dir: Path, excludes: list[str]) -> tuple[int, int, l
     counted = {"files": 0, "bytes": 0}
     withheld: list[str] = []
     secret = _get_excludes(working_dir, SECRET_EXCLUDES)
-    others = [e for e in excludes if e not in SECRET_EXCLUDES]
 
     def count(path: Path) -> None:
         if not path.is_file():
@@ -155,7 +154,9 @@ def upload_contents(working_dir: Path, excludes: list[str]) -> tuple[int, int, l
             counted["bytes"] += path.stat().st_size
 
     include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
-    _dir_travel(working_dir, [_get_excludes(working_dir, others)], count, include_gitignore)
+    _dir_travel(
+        working_dir, [_get_excludes(working_dir, UPLOAD_EXCLUDES)], count, include_gitignore
+    )
     return counted["files"], counted["bytes"], sorted(withheld)
 
 
@@ -182,8 +183,7 @@ def submit(
         ) from None
     load_job(job_path, overrides, check_files=False)  # schema errors stop here, before any upload
     check_working_dir(working_dir)
-    excludes = UPLOAD_EXCLUDES + SECRET_EXCLUDES
-    files, size, withheld = upload_contents(working_dir, excludes)
+    files, size, withheld = upload_contents(working_dir)
     print(f"tether: uploading {working_dir}: {files} files, {size / 2**20:.1f} MiB", flush=True)
     if withheld:
         shown = ", ".join(withheld[:8]) + (" …" if len(withheld) > 8 else "")
@@ -194,7 +194,7 @@ def submit(
         "submission_id": submission_id,
         "runtime_env": {
             "working_dir": str(working_dir),
-            "excludes": excludes,
+            "excludes": UPLOAD_EXCLUDES + SECRET_EXCLUDES,
             "env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"},
         },
         "metadata": {"tether.job": job_rel, "tether.command": "tune" if tune else "train"},

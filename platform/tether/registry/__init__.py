@@ -134,7 +134,7 @@ def gate_champion(
     """
     from mlflow.exceptions import MlflowException
 
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    set_alias(client, name, CHALLENGER, version)
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -191,8 +191,38 @@ def settle_champion(
             current = None
         if current == best:
             return best
-        client.set_registered_model_alias(name, CHAMPION, best)
+        set_alias(client, name, CHAMPION, best)
     return best
+
+
+def set_alias(client, name: str, alias: str, version: str, attempts: int = 6) -> None:
+    """Point an alias at a version, retrying a write that lost a race with another writer.
+
+    MLflow's SQL store sets an alias by read-then-insert: two registrations that set the same
+    new alias at once make one of them fail with a unique-key violation (or a locked SQLite
+    file). The row exists by then, so the retry takes the update path and succeeds.
+    """
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as e:
+            if attempt == attempts - 1 or not lost_a_write_race(e):
+                raise
+            time.sleep(0.05 * 2**attempt)
+
+
+def lost_a_write_race(error: Exception) -> bool:
+    """A unique-key violation or a busy database: another writer got there first."""
+    text = str(error).lower()
+    return any(
+        mark in text
+        for mark in ("unique constraint", "duplicate key", "integrityerror", "database is locked")
+    ) or getattr(error, "error_code", "") == "TEMPORARILY_UNAVAILABLE"
 
 
 def best_candidate(client, name: str, metric: str, mode: str, fingerprint: str) -> str | None:
@@ -246,13 +276,14 @@ def registered_name(spec) -> str:
     unrelated jobs would share (and then gate against each other's champion)."""
     from tether.errors import SpecError
 
+    default = type(spec).model_fields["name"].default
     name = spec.tracking.registered_model or spec.name
-    if name == "job" and spec.tracking.registered_model is None:
+    if name == default and spec.tracking.registered_model is None:
         raise SpecError(
             [
                 "tracking.registered_model: registering needs a model name; the job is called "
-                "'job' (the default), which unrelated jobs share: set tracking.registered_model "
-                "or name"
+                f"{default!r} (the default), which unrelated jobs share: set "
+                "tracking.registered_model or name"
             ]
         )
     return name
@@ -333,11 +364,12 @@ def fetch_model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
     import yaml
 
     uri = resolve_tracking_uri(tracking_uri)
+    # pin the version first: an alias moving during the download must not mix two versions
+    identity = resolve_version(uri, model_uri)
+    pinned = f"models:/{identity['name']}/{identity['version']}"
     target = Path(tempfile.mkdtemp(prefix="tether-model-"))
     with active_tracking_uri(uri):
-        local = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target))
-        )
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(target)))
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
     if HF_ARTIFACT not in artifacts:
@@ -347,7 +379,7 @@ def fetch_model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
         raise ValueError(f"{model_uri}: its {HF_ARTIFACT} path leaves the downloaded model")
     # record which registry version this copy is, for /v1/model and logs
     card = read_card(folder)
-    card["registry"] = resolve_version(uri, model_uri)
+    card["registry"] = identity
     write_card(folder, card)
     return folder
 

@@ -62,10 +62,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
+    from tether.registry import set_alias
+
     client = _client(args)
     try:
         client.get_model_version(args.name, args.version)
-        client.set_registered_model_alias(args.name, args.alias, args.version)
+        set_alias(client, args.name, args.alias, args.version)
     except MlflowException as e:
         print(f"tether: cannot promote {args.name} v{args.version}: {e.message}", file=sys.stderr)
         return 1

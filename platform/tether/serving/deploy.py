@@ -109,22 +109,23 @@ def model_user_config(
 ) -> dict:
     """The replica's user_config: changing it hot-swaps the model in place.
 
-    A registry URI is pinned to the version its alias points at *now* (``models:/demo/3``),
-    so replicas started later load the same weights; the tracking URI goes along, so a
-    replica on another node fetches from the same registry. The weights hash makes a
-    retrained model in the same directory a change, and lets a replica check its copy.
+    A registry URI is pinned to the version that was downloaded into ``model_dir`` (its card
+    records it: ``models:/demo/3``), so replicas started later load the same weights even
+    after the alias moves; the tracking URI goes along, so a replica on another node fetches
+    from the same registry. The weights hash makes a retrained model in the same directory a
+    change, and lets a replica check its copy.
     """
+    from tether.card import read_card
+    from tether.config import resolve_tracking_uri
     from tether.serving.model import weights_sha256
 
     alias = None
     if model_uri:
-        from tether.config import resolve_tracking_uri
-        from tether.registry import resolve_version
-
         tracking_uri = resolve_tracking_uri(tracking_uri)
-        resolved = resolve_version(tracking_uri, model_uri)
-        alias = resolved["alias"]
-        model_uri = f"models:/{resolved['name']}/{resolved['version']}"
+        identity = read_card(Path(model_dir)).get("registry")
+        if identity:
+            alias = identity.get("alias")
+            model_uri = f"models:/{identity['name']}/{identity['version']}"
     return {
         "model_dir": str(model_dir),
         "model_uri": model_uri,

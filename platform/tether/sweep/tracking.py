@@ -152,7 +152,7 @@ def run_tracked_sweep(sweep, *, verbose: bool = False) -> SweepOutcome:
             summary["registry"] = register_best(sweep, summary, uri, parent_id)
         except Exception as e:  # the sweep is done and on disk: say what registering could not do
             summary["registry"] = {"error": f"{type(e).__name__}: {e}"}
-        if summary["registry"]:
+        if summary["registry"] and "model_uri" in summary["registry"]:
             summary["model_uri"] = summary["registry"]["model_uri"]
             summary["champion_uri"] = summary["registry"].get("champion_uri")
     if parent:
