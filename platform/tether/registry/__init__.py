@@ -219,10 +219,12 @@ def set_alias(client, name: str, alias: str, version: str, attempts: int = 6) ->
 def lost_a_write_race(error: Exception) -> bool:
     """A unique-key violation or a busy database: another writer got there first."""
     text = str(error).lower()
-    return any(
-        mark in text
-        for mark in ("unique constraint", "duplicate key", "integrityerror", "database is locked")
-    ) or getattr(error, "error_code", "") == "TEMPORARILY_UNAVAILABLE"
+    if getattr(error, "error_code", "") == "TEMPORARILY_UNAVAILABLE":
+        return True
+    return any(mark in text for mark in RACE_MARKS)
+
+
+RACE_MARKS = ("unique constraint", "duplicate key", "integrityerror", "database is locked")
 
 
 def best_candidate(client, name: str, metric: str, mode: str, fingerprint: str) -> str | None:
