@@ -326,3 +326,101 @@ def test_an_alias_write_that_loses_a_race_is_retried(tmp_path):
     assert str(client.get_model_version_by_alias("busy", CHAMPION).version) == v2
     with pytest.raises(MlflowException):  # a real error is not retried into silence
         set_alias(client, "busy", CHAMPION, "99")
+
+
+def test_the_slower_of_two_concurrent_winners_says_it_was_overtaken(tmp_path):
+    """B (0.83) beat the 0.80 champion it read, but A (0.85) holds the alias: B's decision
+    says promoted=False and names A."""
+    from tether.registry import CHAMPION, PROMOTABLE, gate_champion
+
+    client = registry_client(tmp_path)
+    champion = new_version(client, "pair", 0.80)
+    client.set_registered_model_alias("pair", CHAMPION, champion)
+    a, b = new_version(client, "pair", 0.85), new_version(client, "pair", 0.83)
+    client.set_model_version_tag("pair", a, PROMOTABLE, "true")  # A won its gate a moment ago
+
+    class StaleRead:  # B read the champion before A moved it
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def get_model_version_by_alias(self, name, alias):
+            return client.get_model_version(name, champion)
+
+    decision = gate_champion(StaleRead(), "pair", b, "eval/accuracy", "max", 0.83, "fp")
+    assert (decision.promoted, decision.overtaken_by) == (False, a)
+    assert str(client.get_model_version_by_alias("pair", CHAMPION).version) == a
+    assert f"champion is v{a}" in client.get_model_version("pair", b).tags["tether.gate"]
+
+
+def test_a_rollback_by_hand_is_not_undone_by_the_next_gate(tmp_path):
+    """v2 (0.90) beat v1 and was rolled back by hand to v1; v3 (0.85) then beats v1: the
+    champion becomes v3, not v2 again."""
+    from tether.registry import CHAMPION, gate_champion, promote_by_hand
+
+    client = registry_client(tmp_path)
+    v1 = new_version(client, "rb", 0.80)
+    gate_champion(client, "rb", v1, "eval/accuracy", "max", 0.80, "fp")
+    v2 = new_version(client, "rb", 0.90)
+    assert gate_champion(client, "rb", v2, "eval/accuracy", "max", 0.90, "fp").promoted
+    promote_by_hand(client, "rb", CHAMPION, v1)
+    v3 = new_version(client, "rb", 0.85)
+    assert gate_champion(client, "rb", v3, "eval/accuracy", "max", 0.85, "fp").promoted
+    assert str(client.get_model_version_by_alias("rb", CHAMPION).version) == v3
+
+
+def test_a_sweep_whose_registration_fails_still_finishes_and_says_why(
+    tiny_model_dir, easy_csv, tmp_path, monkeypatch
+):
+    """The trials are done when the registry fails: summary.json is written with the error, the
+    MLflow parent run ends FINISHED, and nothing raises (it used to end in a KeyError)."""
+    import json
+
+    import tether.sweep.tracking as sweep_tracking
+    from tether.sweep import open_sweep
+    from tether.sweep.runner import SweepOutcome
+
+    db = tmp_path / "sweep.db"
+    spec = validate_job(job(tiny_model_dir, easy_csv, tmp_path, db) | {"tune": {"name": "fails"}})
+    sweep = open_sweep(spec)
+    best = {"trial_id": "t1", "metrics": {"eval/accuracy": 0.9}, "config": {}}
+    monkeypatch.setattr(
+        sweep_tracking,
+        "run_sweep",
+        lambda sweep, **kw: SweepOutcome(summary={"best": best, "trials": 1}),
+    )
+
+    def store_down(*args, **kwargs):
+        raise ConnectionError("registry store down")
+
+    monkeypatch.setattr(sweep_tracking, "register_best", store_down)
+    outcome = sweep_tracking.run_tracked_sweep(sweep)
+    assert outcome.summary["registry"] == {"error": "ConnectionError: registry store down"}
+    assert "model_uri" not in outcome.summary
+    on_disk = json.loads((sweep.dir / "summary.json").read_text())
+    assert on_disk["registry"]["error"].endswith("registry store down")
+    parent = client(db).get_run(outcome.summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_champion_is_rescored_on_this_jobs_columns_and_its_download_removed(
+    good_run, tiny_model_dir, easy_csv, store
+):
+    """Gating on other data re-scores the champion with the challenger job's columns (here the
+    text sits in a 'sentence' column) and deletes the downloaded copy afterwards."""
+    import tempfile
+
+    from tether.run import score_registered_model
+
+    tmp, db = store
+    renamed = tmp / "renamed-validation.csv"
+    pd.read_csv(easy_csv["validation"]).rename(columns={"text": "sentence"}).to_csv(
+        renamed, index=False
+    )
+    spec = validate_job(
+        job(tiny_model_dir, easy_csv, tmp, db)
+        | {"data": {"train": str(renamed), "validation": str(renamed), "text_column": "sentence"}}
+    )
+    downloads = set(Path(tempfile.gettempdir()).glob("tether-model-*"))
+    metrics = score_registered_model(spec, "models:/toy@champion", f"sqlite:///{db}")
+    assert metrics["eval/accuracy"] == pytest.approx(good_run.summary["metrics"]["eval/accuracy"])
+    assert set(Path(tempfile.gettempdir()).glob("tether-model-*")) == downloads

@@ -377,21 +377,28 @@ def score_registered_model(spec: JobSpec, model_uri: str, tracking_uri: str) -> 
     import torch
 
     from tether.card import read_card
-    from tether.registry import fetch_model_dir
+    from tether.registry import discard_download, fetch_model_dir
     from tether.tasks import task_for_card
     from tether.train.loop import evaluate
     from tether.train.strategy import DataParallel
 
     folder = fetch_model_dir(model_uri, tracking_uri)
-    card = read_card(folder)
-    task = task_for_card(card)
-    tokenizer = task.load_tokenizer(str(folder), None, False)
-    data = prepare_data(spec.data, task, tokenizer, list(task.labels))
-    model = task.load_model(str(folder), None, False).model
-    strategy = DataParallel(0, 1, torch.device("cpu"))
-    return evaluate(
-        model, data.validation, task.with_labels(data.label_names), data.pad_id, spec, strategy
-    )
+    try:
+        card = read_card(folder)
+        # this job's columns (where its data is), the registered model's own max_length and
+        # labels (how it was trained to read them)
+        card_task = task_for_card(card)
+        data_spec = spec.data.model_copy(update={"max_length": card_task.max_length})
+        own = build_task(spec.model_copy(update={"data": data_spec}), list(card_task.labels))
+        tokenizer = own.load_tokenizer(str(folder), None, False)
+        data = prepare_data(data_spec, own, tokenizer, list(own.labels))
+        model = own.load_model(str(folder), None, False).model
+        strategy = DataParallel(0, 1, torch.device("cpu"))
+        return evaluate(
+            model, data.validation, own.with_labels(data.label_names), data.pad_id, spec, strategy
+        )
+    finally:
+        discard_download(folder)
 
 
 def export_checkpoint(spec: JobSpec, task: Task, checkpoint: Path, out_dir: Path) -> Path:
@@ -403,9 +410,10 @@ def export_checkpoint(spec: JobSpec, task: Task, checkpoint: Path, out_dir: Path
     from safetensors.torch import load_model
 
     from tether.train.checkpoint import MODEL_FILE, export_hf_model, model_card, read_state
+    from tether.train.setup import build_model
 
     source = resolve_model_source(spec.model.name)
-    model = task.load_model(source, spec.model.revision, spec.model.trust_remote_code).model
+    model, _ = build_model(spec, task, source)  # with its adapter, so the checkpoint fits
     load_model(model, str(checkpoint / MODEL_FILE), strict=False)
     tokenizer = task.load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code)
     state = read_state(checkpoint)
@@ -451,6 +459,7 @@ def summarize(
         "objective": {"lambda": spec.objective.lam, "mode": spec.objective.mode},
         "control": control_arm_note(spec),
         "theta_star_sha256": card.get("objective", {}).get("theta_star_sha256"),
+        "adapter": card.get("objective", {}).get("adapter"),
         "data": data.lineage,
         "data_stats": data.stats,
         "label_names": data.label_names,

@@ -15,6 +15,7 @@ Only load models your own platform registered: loading an MLflow model unpickles
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -83,8 +84,15 @@ class GateDecision:
     champion_version: str | None
     champion_value: float | None
     promoted: bool
+    overtaken_by: str | None = None  # a better challenger gated at the same time holds it
 
     def describe(self) -> str:
+        if self.overtaken_by is not None:
+            return (
+                f"{self.name} v{self.version} beat the champion it saw "
+                f"({self.metric} {self.challenger_value:.4f}), but v{self.overtaken_by}, gated "
+                "at the same time, is better: champion is v" + self.overtaken_by
+            )
         if self.champion_version is None:
             return (
                 f"{self.name} v{self.version} becomes champion: no champion yet "
@@ -155,13 +163,30 @@ def gate_champion(
             champ_value,
             better(value, champ_value, mode),
         )
-    client.set_model_version_tag(name, version, "tether.gate", decision.describe())
-    client.update_model_version(name, version, description=decision.describe())
     if decision.promoted:
         # it beat the champion it saw: a candidate, and the best candidate takes the alias
         client.set_model_version_tag(name, version, PROMOTABLE, "true")
-        settle_champion(client, name, metric, mode, data_fingerprint)
+        holder = settle_champion(client, name, metric, mode, data_fingerprint)
+        if holder is not None and holder != version:
+            decision = dataclasses.replace(decision, promoted=False, overtaken_by=holder)
+    client.set_model_version_tag(name, version, "tether.gate", decision.describe())
+    client.update_model_version(name, version, description=decision.describe())
     return decision
+
+
+def promote_by_hand(client, name: str, alias: str, version: str) -> None:
+    """Point ``alias`` at ``version`` on a person's say-so (a rollback, say).
+
+    For the champion, the versions that beat earlier champions stop being candidates: the next
+    gate must not hand the alias back to the version the person just moved it away from.
+    """
+    client.get_model_version(name, version)  # a missing version fails here, naming it
+    set_alias(client, name, alias, version)
+    if alias == CHAMPION:
+        for mv in client.search_model_versions(f"name='{name}'"):
+            if str(mv.version) != str(version) and (mv.tags or {}).get(PROMOTABLE) == "true":
+                client.set_model_version_tag(name, str(mv.version), PROMOTABLE, "false")
+    client.set_model_version_tag(name, version, "tether.gate", f"promoted to {alias} by hand")
 
 
 PROMOTABLE = "tether.promotable"
@@ -319,6 +344,10 @@ def register_and_gate(
         "tether.task": summary.get("task", spec.model.task),
         "tether.labels_sha256": hashlib.sha256(labels.encode()).hexdigest(),
         "validation_fingerprint": data_fingerprint,
+        # lineage: an adapter version names the base it needs (its id and θ*'s hash)
+        "tether.base_model": spec.model.name,
+        "tether.theta_star_sha256": summary.get("theta_star_sha256"),
+        "tether.adapter": json.dumps(summary.get("adapter")),
         "lambda": spec.objective.lam,
         "mode": spec.objective.mode,
         "run_dir": summary.get("run_dir"),
@@ -384,6 +413,20 @@ def fetch_model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
     card["registry"] = identity
     write_card(folder, card)
     return folder
+
+
+def discard_download(model_dir: Path | str) -> None:
+    """Delete a registry download made by ``fetch_model_dir`` (a private temp copy); a folder
+    anywhere else is the user's and stays."""
+    import shutil
+    import tempfile
+
+    folder = Path(model_dir)
+    tmp = Path(tempfile.gettempdir()).resolve()
+    for parent in [folder, *folder.parents]:
+        if parent.parent == tmp and parent.name.startswith("tether-model-"):
+            shutil.rmtree(parent, ignore_errors=True)
+            return
 
 
 def resolve_version(tracking_uri: str, model_uri: str) -> dict[str, Any]:

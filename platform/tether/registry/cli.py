@@ -62,17 +62,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from tether.registry import set_alias
+    from tether.registry import promote_by_hand
 
     client = _client(args)
     try:
-        client.get_model_version(args.name, args.version)
-        set_alias(client, args.name, args.alias, args.version)
+        promote_by_hand(client, args.name, args.alias, args.version)
     except MlflowException as e:
         print(f"tether: cannot promote {args.name} v{args.version}: {e.message}", file=sys.stderr)
         return 1
-    client.set_model_version_tag(
-        args.name, args.version, "tether.gate", f"promoted to {args.alias} by hand"
-    )
     print(f"{args.name}@{args.alias} → v{args.version}")
     return 0

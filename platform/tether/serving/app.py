@@ -343,16 +343,9 @@ def load_source(
 
 def discard_download(model: ServedModel) -> None:
     """Delete a replaced model's registry download (a private temp copy), not a user folder."""
-    import shutil
-    import tempfile
-    from pathlib import Path
+    from tether.registry import discard_download as discard
 
-    folder = Path(model.info.model_dir)
-    tmp = Path(tempfile.gettempdir()).resolve()
-    for parent in [folder, *folder.parents]:
-        if parent.parent == tmp and parent.name.startswith("tether-model-"):
-            shutil.rmtree(parent, ignore_errors=True)
-            return
+    discard(model.info.model_dir)
 
 
 def make_deployment(args: AppArgs):
