@@ -271,3 +271,17 @@ def test_half_precision_anchor_starts_theta_exactly_at_the_stored_theta_star():
         p.grad = torch.zeros_like(p)
     add_anchor_grad_(anchor)
     assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters())
+
+
+def test_the_lambda_zero_arm_starts_from_the_same_rounded_weights():
+    """With a bf16 θ*, λ = 0 allocates no anchor but rounds θ exactly as an anchored arm does,
+    so the control differs from it only in λ."""
+    plain, anchored = small_net(), small_net()
+    perturb_(plain, 0.37)
+    anchored.load_state_dict(plain.state_dict())
+    assert build_anchor(plain.named_parameters(), 0.0, "coupled", "bfloat16") is None
+    build_anchor(anchored.named_parameters(), 1.0, "coupled", "bfloat16")
+    for p, q in zip(plain.parameters(), anchored.parameters()):
+        assert (
+            p.dtype == torch.float32 and torch.equal(p, q) and torch.equal(p, p.bfloat16().float())
+        )

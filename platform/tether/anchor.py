@@ -25,7 +25,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -57,6 +57,17 @@ class Anchor:
         return sum(t.numel() * t.element_size() for t in [*self.targets, *self.residuals])
 
 
+class AnchorTerm(Protocol):
+    """What the loop needs of an anchor besides ``Anchor`` itself (LoRA's closed form)."""
+
+    lam: float
+    mode: AnchorMode
+
+    def add_grad_(self) -> None: ...
+    def pull_(self, lr: float) -> None: ...
+    def drift_squares(self) -> list[tuple[str, float]]: ...
+
+
 def build_anchor(
     named_params: Iterable[tuple[str, torch.nn.Parameter]],
     lam: float,
@@ -82,18 +93,19 @@ def build_anchor(
         raise ValueError(
             f"objective.anchor_dtype must be one of {sorted(_DTYPES)}, got {anchor_dtype!r}"
         )
-    if lam == 0:
-        return None
     names, params = [], []
     for name, p in named_params:
         names.append(name)
         params.append(p)
     dtype = _DTYPES[anchor_dtype]
     with torch.no_grad():
-        targets = [p.detach().to(dtype=dtype, copy=True) for p in params]
         if dtype != torch.float32:
-            for p, t in zip(params, targets, strict=True):
-                p.copy_(t)  # θ₀ := θ* as stored
+            # θ₀ := θ* as stored; at λ = 0 too, so the control arm starts from the same point
+            for p in params:
+                p.copy_(p.to(dtype))
+        if lam == 0:
+            return None
+        targets = [p.detach().to(dtype=dtype, copy=True) for p in params]
         residuals = [torch.zeros_like(p) for p in params] if mode == "decoupled" else []
     return Anchor(names, params, targets, float(lam), mode, residuals)
 
@@ -126,7 +138,7 @@ def _drift(anchor: Anchor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def add_anchor_grad_(anchor: Anchor | None) -> None:
+def add_anchor_grad_(anchor: Anchor | AnchorTerm | None) -> None:
     """Coupled mode: grad += 2λ(θ − θ*), the exact gradient of λ‖θ − θ*‖².
 
     Call once per optimizer step, after backward (so after DDP's all-reduce: every replica
@@ -137,6 +149,9 @@ def add_anchor_grad_(anchor: Anchor | None) -> None:
     rounding is the drift's own.
     """
     if anchor is None or anchor.mode != "coupled":
+        return
+    if not isinstance(anchor, Anchor):  # another AnchorTerm (tether.adapters: LoRA factors)
+        anchor.add_grad_()
         return
     for p in anchor.params:
         if p.grad is None:  # a parameter the batch did not touch still feels the anchor
@@ -151,7 +166,7 @@ def add_anchor_grad_(anchor: Anchor | None) -> None:
 
 
 @torch.no_grad()
-def pull_toward_anchor_(anchor: Anchor | None, lr: float) -> None:
+def pull_toward_anchor_(anchor: Anchor | AnchorTerm | None, lr: float) -> None:
     """Decoupled mode: θ ← θ − lr·λ(θ − θ*), without losing the pull to fp32 rounding.
 
     Call once per optimizer step, after ``optimizer.step()`` (AdamW-style decoupling: the pull
@@ -163,6 +178,9 @@ def pull_toward_anchor_(anchor: Anchor | None, lr: float) -> None:
     added to the next step's pull, and the realised pull equals the formula's.
     """
     if anchor is None or anchor.mode != "decoupled":
+        return
+    if not isinstance(anchor, Anchor):
+        anchor.pull_(lr)
         return
     weight = min(lr * anchor.lam, 1.0)  # never overshoot θ*
     params, residuals = anchor.params, anchor.residuals
@@ -182,11 +200,24 @@ def drift_norms(anchor: Anchor | None) -> list[float]:
     return [float(n) for n in torch._foreach_norm(_drift(anchor))]
 
 
-def anchor_loss(anchor: Anchor | None) -> float:
+def drift_squares(anchor: AnchorTerm) -> list[tuple[str, float]]:
+    """(name, ‖θ − θ*‖²) for every anchored weight."""
+    if not isinstance(anchor, Anchor):
+        return anchor.drift_squares()
+    return [(name, n * n) for name, n in zip(anchor.names, drift_norms(anchor), strict=True)]
+
+
+def anchor_loss(anchor: AnchorTerm | None) -> float:
     """λ‖θ − θ*‖², the penalty's value (0 when there is no anchor)."""
     if anchor is None:
         return 0.0
-    return anchor.lam * sum(n * n for n in drift_norms(anchor))
+    return anchor.lam * sum(sq for _, sq in drift_squares(anchor))
+
+
+def num_anchored_tensors(anchor: AnchorTerm | None) -> int:
+    if anchor is None:
+        return 0
+    return len(anchor.params) if isinstance(anchor, Anchor) else anchor.num_tensors
 
 
 _LAYER = re.compile(r"^(.*?\.(?:layer|layers|h|block|blocks)\.\d+)\.")
@@ -201,16 +232,16 @@ def drift_group(name: str) -> str:
     return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
 
 
-def drift_report(anchor: Anchor | None) -> dict[str, float]:
+def drift_report(anchor: Anchor | AnchorTerm | None) -> dict[str, float]:
     """Overall and per-layer drift, plus the penalty: the numbers logged at each evaluation."""
     if anchor is None:  # λ = 0 keeps no θ*: the drift is not known, not 0
         return {"anchor_loss": 0.0}
-    norms = drift_norms(anchor)
+    squares = drift_squares(anchor)
     groups: dict[str, float] = {}
-    for name, n in zip(anchor.names, norms, strict=True):
+    for name, sq in squares:
         key = drift_group(name)
-        groups[key] = groups.get(key, 0.0) + n * n
-    total_sq = sum(n * n for n in norms)
+        groups[key] = groups.get(key, 0.0) + sq
+    total_sq = sum(sq for _, sq in squares)
     report = {"anchor_loss": anchor.lam * total_sq, "drift_l2": total_sq**0.5}
     report.update({f"drift/{k}": v**0.5 for k, v in groups.items()})
     return report

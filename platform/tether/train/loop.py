@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from tether.anchor import add_anchor_grad_, drift_report, pull_toward_anchor_, weights_hash
+from tether.anchor import (
+    add_anchor_grad_,
+    drift_report,
+    num_anchored_tensors,
+    pull_toward_anchor_,
+    weights_hash,
+)
 from tether.config import JobSpec
 from tether.data import Encoded, PreparedData, epoch_batches, eval_batches
 from tether.tasks import Task, build_task
@@ -280,14 +286,17 @@ def report(
 
     net = strategy.unwrap(run.model)
     # DDP replicas must never diverge: compare the weights' hashes across ranks
-    if strategy.world > 1 and not strategy.replicas_agree(weights_hash(net.named_parameters())):
+    digest = weights_hash(net.named_parameters())
+    if not strategy.replicas_agree(digest):
         raise RuntimeError(f"step {metrics['step']}: DDP replicas hold different weights")
     anchor_identity = {
         "base_model": spec.model.name,
         "theta_star_sha256": run.theta_star_hash,
         "lambda": spec.objective.lam,
         "mode": spec.objective.mode,
-        "num_anchored_tensors": len(run.anchor.params) if run.anchor else 0,
+        "num_anchored_tensors": num_anchored_tensors(run.anchor),
+        # a LoRA run's lineage: the adapter needs exactly this base (θ*) to mean anything
+        "adapter": spec.model.adapter.model_dump() if spec.model.adapter else None,
     }
     state = {
         "step": metrics["step"],
@@ -295,14 +304,15 @@ def report(
         "metrics": metrics,
         "anchor": anchor_identity,
         "world_size": strategy.world,
-        "replicas_agree": True,  # checked above (trivially so for one worker)
+        "weights_sha256": digest,  # every rank's, compared above; each also writes its own
     }
     name = checkpoint_name(metrics["step"])
     if inputs.local:  # no Ray storage copies it: write it where it stays, in the run folder
         directory = Path(inputs.run_dir) / name
     else:
         directory = Path(tempfile.mkdtemp(prefix="tether-ckpt-"))
-    save_training_state(directory, strategy.rank, net, run.optimizer, state, worker_identity())
+    worker = worker_identity() | {"weights_sha256": digest}
+    save_training_state(directory, strategy.rank, net, run.optimizer, state, worker)
     if final and strategy.rank == 0:
         tokenizer = task.load_tokenizer(
             run.tokenizer_source, spec.model.revision, spec.model.trust_remote_code
