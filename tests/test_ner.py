@@ -228,3 +228,44 @@ def test_conll2003_dev_file_loads_when_present(packaged_model_dir):
     rows = load_rows(str(dev), "validation")
     assert len(rows) == 3250
     assert entity_types({t for r in rows for t in r["ner_tags"]}) == ["LOC", "MISC", "ORG", "PER"]
+
+
+def test_csv_json_and_parquet_files_encode_like_jsonl(tmp_path, packaged_model_dir):
+    """The same sentences as JSONL, JSON, parquet and CSV (a JSON list of words, a
+    pandas-written list of tags, and space-separated cells) give identical arrays."""
+    import json
+
+    import pandas as pd
+
+    rows = [
+        {"tokens": ["EU", "rejects", "German", "call"], "ner_tags": ["B-ORG", "O", "B-MISC", "O"]},
+        {"tokens": ["Peter", "Blackburn"], "ner_tags": ["B-PER", "I-PER"]},
+    ] * 3
+    tokenizer = load_tokenizer(str(packaged_model_dir))
+    jsonl = write_rows(tmp_path / "t.jsonl", rows)
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    pd.DataFrame(rows).to_parquet(tmp_path / "t.parquet")
+    as_text = pd.DataFrame(
+        {
+            "tokens": [
+                json.dumps(r["tokens"]) if i % 2 else " ".join(r["tokens"])
+                for i, r in enumerate(rows)
+            ],
+            "ner_tags": [str(r["ner_tags"]) for r in rows],  # ['B-ORG', 'O', ...]
+        }
+    )
+    as_text.to_csv(tmp_path / "t.csv", index=False)
+
+    def encoded(path):
+        spec = validate_job(
+            {
+                "model": {"task": "token-classification"},
+                "data": {"train": str(path), "validation": str(path)},
+            }
+        )
+        task, data = prepare(spec, tokenizer)
+        return task.labels, [data.validation.fields["labels"].row(i).tolist() for i in range(6)]
+
+    want = encoded(jsonl)
+    for name in ("t.json", "t.parquet", "t.csv"):
+        assert encoded(tmp_path / name) == want, name

@@ -92,9 +92,7 @@ class TokenClassification:
         return ordered_tags(found)
 
     def _raw_tags(self, row: dict) -> list:
-        tags = row.get(self.label_column)
-        if isinstance(tags, np.ndarray):
-            tags = tags.tolist()
+        tags = cell_list(row.get(self.label_column))
         if not isinstance(tags, list):
             raise DataError(
                 f"data.tags_column: {where(row)} column {self.label_column!r} is not a list of "
@@ -103,9 +101,7 @@ class TokenClassification:
         return tags
 
     def words(self, row: dict) -> list[str]:
-        words = row.get(self.tokens_column)
-        if isinstance(words, np.ndarray):
-            words = words.tolist()
+        words = cell_list(row.get(self.tokens_column))
         if not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words):
             raise DataError(
                 f"data.tokens_column: {where(row)} column {self.tokens_column!r} must be a "
@@ -284,3 +280,27 @@ def align_first_subtokens(word_ids: list[int | None], n_words: int) -> tuple[lis
             token_words.append(-1)
         previous = word
     return token_words, starts
+
+
+def cell_list(cell: Any) -> Any:
+    """A tokens or tags cell as a list. Parquet and JSON hold lists already; a CSV/TSV cell is
+    text: a JSON list (``["EU", "rejects"]``), a Python-style one (``['EU', 'rejects']``, as
+    pandas writes lists) or words separated by spaces. Anything else is returned unchanged
+    for the caller to name."""
+    import ast
+    import json
+
+    if isinstance(cell, np.ndarray):
+        return cell.tolist()
+    if not isinstance(cell, str):
+        return cell
+    text = cell.strip()
+    if text.startswith("[") and text.endswith("]"):
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                value = parse(text)
+            except (ValueError, SyntaxError):
+                continue
+            return value if isinstance(value, list) else cell
+        return cell
+    return text.split()
