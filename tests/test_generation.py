@@ -128,11 +128,11 @@ def test_chat_answers_equal_offline_greedy_generate_with_right_usage(server, off
         assert body["object"] == "chat.completion" and body["model"] == "tiny-chat"
         assert body["choices"][0]["message"] == {"role": "assistant", "content": want}
         assert body["usage"]["prompt_tokens"] == prompt_tokens
-        assert (
-            body["usage"]["completion_tokens"]
-            == len(offline.tokenizer(want, add_special_tokens=False)["input_ids"])
-            or body["choices"][0]["finish_reason"] == "length"
-        )
+        # the same token count as generate's ids, and "length" exactly when it hit the cap
+        prompt = offline.chat_prompt([{"role": "user", "content": "Tell me about tea."}])
+        ids = offline.offline_greedy(prompt, 12)
+        assert body["usage"]["completion_tokens"] == len(ids)
+        assert body["choices"][0]["finish_reason"] == ("length" if len(ids) == 12 else "stop")
         assert body["usage"]["total_tokens"] == prompt_tokens + body["usage"]["completion_tokens"]
         with c.stream(
             "POST",
@@ -182,7 +182,16 @@ def test_the_official_openai_client_works_unchanged(server, offline):
     assert [m.id for m in client.models.list().data] == ["tiny-chat"]
     messages = [{"role": "user", "content": "Name a colour."}]
     reply = client.chat.completions.create(
-        model="tiny-chat", messages=messages, temperature=0, max_tokens=10
+        model="tiny-chat",
+        messages=messages,
+        temperature=0,
+        max_tokens=10,
+        # what SDKs and tools send at their neutral values: accepted, no effect
+        frequency_penalty=0,
+        presence_penalty=0,
+        logprobs=False,
+        response_format={"type": "text"},
+        metadata={"team": "tests"},
     )
     want, _ = reference(offline, "Name a colour.", 10)
     assert reply.choices[0].message.content == want
@@ -191,10 +200,21 @@ def test_the_official_openai_client_works_unchanged(server, offline):
     )
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == want
     text = client.completions.create(model="tiny-chat", prompt="Once", max_tokens=6, temperature=0)
-    assert text.choices[0].text == offline.decode(offline.offline_greedy(offline.encode("Once"), 6))
+    once = offline.decode(offline.offline_greedy(offline.encode("Once"), 6))
+    assert text.choices[0].text == once
+    chunks = client.completions.create(
+        model="tiny-chat", prompt="Once", max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == once
     with pytest.raises(Exception) as err:
         client.chat.completions.create(model="gpt-4", messages=messages)
     assert getattr(err.value, "status_code", None) == 404
+    with pytest.raises(Exception) as err:  # a bad field: 400 naming it, as OpenAI answers
+        client.chat.completions.create(model="tiny-chat", messages=messages, presence_penalty=1)
+    assert (err.value.status_code, err.value.body["param"]) == (400, "presence_penalty")
+    with httpx.Client(base_url=server.url, headers=AUTH) as c:  # unknown routes too
+        r = c.get("/v1/embeddings")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_concurrent_requests_decode_together_and_answer_as_alone(server, offline):
@@ -276,41 +296,59 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
 BAD = {
     # name: (body or raw bytes, status, words)
     "malformed_json": (b'{"messages": [', 400, "malformed JSON"),
-    "not_an_object": ([1, 2], 422, "JSON object"),
-    "no_messages": ({"model": "tiny-chat"}, 422, "messages"),
-    "empty_messages": ({"messages": []}, 422, "messages"),
-    "unknown_role": ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "role"),
-    "content_not_text": ({"messages": [{"role": "user", "content": 5}]}, 422, "content"),
+    "not_an_object": ([1, 2], 400, "JSON object"),
+    "no_messages": ({"model": "tiny-chat"}, 400, "messages"),
+    "empty_messages": ({"messages": []}, 400, "messages"),
+    "unknown_role": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    "content_not_text": ({"messages": [{"role": "user", "content": 5}]}, 400, "content"),
     "image_part": (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
-        422,
+        400,
         "type",
     ),
     "negative_max_tokens": (
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1},
-        422,
+        400,
         "max_tokens",
     ),
     "huge_max_tokens": (
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6},
-        422,
+        400,
         f"less than or equal to {MAX_NEW}",
     ),
     "temperature_high": (
         {"messages": [{"role": "user", "content": "hi"}], "temperature": 3},
-        422,
+        400,
         "temperature",
     ),
-    "top_p_zero": ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 422, "top_p"),
-    "n_two": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 422, "n"),
+    "top_p_zero": ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    "n_two": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
     "unknown_field": (
-        {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}},
-        422,
-        "logit_bias: unknown field",
+        {"messages": [{"role": "user", "content": "hi"}], "temprature": 0.5},
+        400,
+        "temprature: unknown field",
+    ),
+    "penalty_not_neutral": (
+        {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5},
+        400,
+        "frequency_penalty: not supported by this server: only 0 is accepted",
+    ),
+    "tools_given": (
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+        400,
+        "tools: not supported by this server",
+    ),
+    "json_mode": (
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"},
+        },
+        400,
+        "response_format",
     ),
     "stop_five": (
         {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
-        422,
+        400,
         "stop",
     ),
     "wrong_model": (
@@ -350,6 +388,21 @@ def test_bad_requests_get_a_4xx_in_openai_error_shape(server, case):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert words in error["message"] and error["type"] and error["code"]
+    if case in PARAM:  # a field error names the field, as OpenAI's do
+        assert (error["type"], error["param"]) == ("invalid_request_error", PARAM[case])
+
+
+PARAM = {
+    "unknown_role": "messages[0].role",
+    "negative_max_tokens": "max_tokens",
+    "temperature_high": "temperature",
+    "top_p_zero": "top_p",
+    "n_two": "n",
+    "unknown_field": "temprature",
+    "penalty_not_neutral": "frequency_penalty",
+    "tools_given": "tools",
+    "stop_five": "stop",
+}
 
 
 def test_wrong_content_type_and_missing_key_are_refused(server):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +34,12 @@ from pydantic import BaseModel, Field, ValidationError
 class RequestError(Exception):
     """A client mistake: an HTTP status, a short error code and a message naming the problem."""
 
-    def __init__(self, status: int, error: str, message: str):
+    def __init__(self, status: int, error: str, message: str, param: str | None = None):
         super().__init__(message)
         self.status = status
         self.error = error
         self.message = message
+        self.param = param  # the offending field's path, e.g. "messages[0].role"
 
 
 @dataclass(frozen=True)
@@ -273,8 +275,21 @@ def validate_body(payload: Any, model: type[BaseModel]):
         return model.model_validate(payload)
     except ValidationError as e:
         raise RequestError(
-            422, "invalid_input", describe_validation_error(e, payload, model)
+            422,
+            "invalid_input",
+            describe_validation_error(e, payload, model),
+            field_path(e.errors()[0]["loc"]) or None,
         ) from None
+
+
+def field_path(loc: tuple) -> str:
+    """('messages', 0, 'role') → 'messages[0].role'; the names pydantic gives the branches of
+    a union ('constrained-str', 'list[str]') are not fields and are left out."""
+    parts = [p for p in loc if isinstance(p, int) or FIELD_NAME.match(p)]
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+
+
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def union_branches(model: type[BaseModel]) -> dict[str, set[str]]:
@@ -310,8 +325,8 @@ def describe_validation_error(
         problems = [{**p, "loc": p["loc"][1:]} for p in problems if p["loc"][:1] == (meant[0],)]
     parts = []
     for problem in problems[:limit]:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in problem["loc"])
-        parts.append(f"{where.lstrip('.')}: {_message(problem)}" if where else _message(problem))
+        where = field_path(problem["loc"])
+        parts.append(f"{where}: {_message(problem)}" if where else _message(problem))
     more = len(problems) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
@@ -319,11 +334,29 @@ def describe_validation_error(
 def _message(problem: dict) -> str:
     if problem["type"] == "extra_forbidden":
         return "unknown field"
+    if problem["loc"] and problem["loc"][0] in NEUTRAL_ONLY:
+        field = problem["loc"][0]
+        return f"not supported by this server: only {NEUTRAL_ONLY[field]} is accepted"
     if problem["type"] == "string_pattern_mismatch" or (
         problem["type"] == "string_too_short" and problem.get("ctx", {}).get("min_length") == 1
     ):
         return "empty or whitespace-only text"
     return problem["msg"]
+
+
+# OpenAI request fields a client may send at their neutral value (SDKs and tools often do),
+# with that value; anything else is refused naming the field, never silently ignored
+NEUTRAL_ONLY = {
+    "frequency_penalty": "0",
+    "presence_penalty": "0",
+    "logprobs": "false",
+    "top_logprobs": "0",
+    "logit_bias": "{}",
+    "response_format": '{"type": "text"}',
+    "tools": "[]",
+    "tool_choice": '"none"',
+    "store": "false",
+}
 
 
 def error_body(error: str, message: str, request_id: str | None) -> dict:

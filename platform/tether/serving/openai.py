@@ -11,9 +11,11 @@ The official ``openai`` client works unchanged (``base_url=http://127.0.0.1:8000
 Prompts are rendered with the model's own chat template, as in training. Concurrent requests
 share decode steps (``tether.serving.engine``: continuous batching, per-request sampling).
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the same
-4xx classes as the rest of tether: 400 unparseable JSON or a prompt over the context limit,
-401 no/wrong key, 404 an unknown model, 413 body too large, 415 not JSON, 422 a field that
-does not fit the schema (unknown fields are rejected, as OpenAI does), 503 overloaded.
+4xx classes as OpenAI: 400 unparseable JSON, a prompt over the context limit or a field that
+does not fit the schema (``param`` names it; unknown fields are rejected, as OpenAI does),
+401 no/wrong key, 404 an unknown model or route, 413 body too large, 415 not JSON, 503
+overloaded. OpenAI fields this server does not implement (penalties, logprobs, logit_bias,
+tools, JSON mode) are accepted at their neutral values, which SDKs send, and refused otherwise.
 
 No ``from __future__ import annotations``: the replica class is pickled by value and FastAPI
 must resolve route annotations from real objects.
@@ -81,6 +83,10 @@ def request_models(max_items: int, max_chars: int, max_tokens: int):
         model_config = ConfigDict(extra="forbid", strict=True)
         include_usage: bool = False
 
+    class ResponseFormat(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        type: Literal["text"]
+
     class Common(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
         model: str | None = Field(None, description="the served model's id (GET /v1/models)")
@@ -94,6 +100,23 @@ def request_models(max_items: int, max_chars: int, max_tokens: int):
         stream: bool = False
         stream_options: StreamOptions | None = None
         user: str | None = Field(None, max_length=256)
+        metadata: (
+            Annotated[
+                dict[str, Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)
+            ]
+            | None
+        ) = None  # type: ignore[valid-type]
+        # accepted at their neutral values only (see contract.NEUTRAL_ONLY)
+        frequency_penalty: float | None = Field(None, ge=0, le=0)
+        presence_penalty: float | None = Field(None, ge=0, le=0)
+        logprobs: Literal[False] | None = None
+        top_logprobs: json_int(ge=0, le=0) | None = None  # type: ignore[valid-type]
+        logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+        response_format: ResponseFormat | None = None
+        tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+        tool_choice: Literal["none"] | None = None
+        parallel_tool_calls: bool | None = None
+        store: Literal[False] | None = None
 
     class ChatCompletionRequest(Common):
         messages: list[Message] = Field(min_length=1, max_length=max_items)
@@ -179,12 +202,12 @@ class ErrorBody(BaseModel):
 ERRORS = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
-        400: "unparseable JSON, or a prompt over the model's context length",
+        400: "unparseable JSON, a prompt over the model's context length, or a body that "
+        "does not fit the schema (param names the field)",
         401: "missing or wrong bearer token",
         404: "unknown model",
         413: "body over the byte limit",
         415: "not application/json",
-        422: "the body does not fit the schema (the message names the field)",
         500: "unexpected error (see request_id in the server log)",
         503: "model not loaded, or the service is overloaded",
     }.items()
@@ -201,6 +224,17 @@ def openai_error(
     }
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _openai_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404/405 and friends in OpenAI's error shape, like every other error of these routes."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    response = openai_error(
+        exc.status_code, code, str(exc.detail), request.headers.get("x-request-id") or ""
+    )
+    for key, value in (exc.headers or {}).items():
+        response.headers[key] = value
+    return response
 
 
 def sse(payload: dict) -> str:
@@ -238,7 +272,6 @@ def make_generation_deployment(args):
     """The Serve deployment for a causal LM (``args``: tether.serving.app.AppArgs)."""
     from tether.serving.app import (
         _env_key_sha256,
-        _http_error,
         _set_torch_threads,
         authorize,
         replica_threads,
@@ -254,7 +287,7 @@ def make_generation_deployment(args):
         title="tether",
         description="OpenAI-compatible generation with a model fine-tuned by tether.",
     )
-    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(StarletteHTTPException, _openai_http_error)
     chat_example = {
         "messages": [{"role": "user", "content": "What is the sentiment of: a gripping film?"}],
         "max_tokens": 16,
@@ -369,7 +402,9 @@ def make_generation_deployment(args):
                         503, "overloaded", f"the server is busy ({e}); retry shortly"
                     ) from None
             except RequestError as e:
-                return openai_error(e.status, e.error, e.message, request_id)
+                # OpenAI answers a body that does not fit its schema with 400, naming the param
+                status = 400 if e.status == 422 else e.status
+                return openai_error(status, e.error, e.message, request_id, e.param)
             except ClientDisconnect:
                 return openai_error(
                     400, "client_disconnected", "request body incomplete", request_id
@@ -450,7 +485,9 @@ def make_generation_deployment(args):
                 authorize(request, self.api_key_sha256)
                 model, _ = self._loaded()
             except RequestError as e:
-                return openai_error(e.status, e.error, e.message, request_id)
+                # OpenAI answers a body that does not fit its schema with 400, naming the param
+                status = 400 if e.status == 422 else e.status
+                return openai_error(status, e.error, e.message, request_id, e.param)
             info = model.info
             card = {
                 "id": info.name,
@@ -468,7 +505,9 @@ def make_generation_deployment(args):
                 authorize(request, self.api_key_sha256)
                 model, _ = self._loaded()
             except RequestError as e:
-                return openai_error(e.status, e.error, e.message, request_id)
+                # OpenAI answers a body that does not fit its schema with 400, naming the param
+                status = 400 if e.status == 422 else e.status
+                return openai_error(status, e.error, e.message, request_id, e.param)
             return JSONResponse(model.info.public())
 
         @api.get("/v1/engine", responses=ERRORS)
@@ -479,7 +518,9 @@ def make_generation_deployment(args):
                 authorize(request, self.api_key_sha256)
                 _, engine = self._loaded()
             except RequestError as e:
-                return openai_error(e.status, e.error, e.message, request_id)
+                # OpenAI answers a body that does not fit its schema with 400, naming the param
+                status = 400 if e.status == 422 else e.status
+                return openai_error(status, e.error, e.message, request_id, e.param)
             return JSONResponse(engine.stats())
 
         @api.get("/healthz")
