@@ -79,6 +79,7 @@ COMMAND_MODULES: list[str] = [  # each is a Subcommand, imported when the parser
     "tether.serving.cli",
     "tether.sweep.cli",
     "tether.registry.cli",
+    "tether.interpolate",
     "tether.submit",
     "tether.demo",
 ]

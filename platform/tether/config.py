@@ -42,6 +42,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
+class AdapterSection(_Section):
+    type: Literal["lora"] = "lora"
+    """Low-rank adapters (peft LoRA): W = W₀ + (alpha/r)·B·A on the target modules, the base
+    frozen; the anchor is λ‖(alpha/r)·B·A‖² in closed form (README, "LoRA")."""
+    r: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module-name suffixes to adapt (e.g. [q_proj, v_proj]), or every Linear but the head."""
+    modules_to_save: list[str] = []
+    """Pretrained modules to train in full besides the task's new head (always trained)."""
+
+
 class ModelSection(_Section):
     name: str = "packaged:all-MiniLM-L6-v2"
     """Base model: 'packaged:all-MiniLM-L6-v2', 'packaged:SmolLM2-135M-Instruct', a local
@@ -64,6 +77,8 @@ class ModelSection(_Section):
     """Weight dtype at load. Trained weights must be float32 (see train.precision)."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless you trust the source."""
+    adapter: AdapterSection | None = None
+    """Train a LoRA adapter instead of every weight (null: full fine-tuning)."""
 
 
 class DataSection(_Section):

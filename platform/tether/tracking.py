@@ -404,6 +404,8 @@ def close_run(
             {
                 "tether.theta_star_sha256": card.get("objective", {}).get("theta_star_sha256"),
                 "tether.run_dir": summary.get("run_dir"),
+                # a LoRA model's lineage: the base (and θ* hash above) its adapter needs
+                "tether.adapter": json.dumps(card.get("objective", {}).get("adapter")),
             }
         )
         summary["model_uri"] = model_uri

@@ -8,7 +8,9 @@
       rng_rank{r}.pt       each worker's torch RNG (dropout), so a resumed run continues exactly
       worker_rank{r}.json  the node, host and pid each worker ran on
       model/               only in the final checkpoint: the HF model + tokenizer + job.yaml +
-                           tether.json (the model card)
+                           tether.json (the model card); a LoRA run's model is merged
+                           (W₀ + s·B·A) and model/adapter/ holds the adapter itself
+A LoRA run's model.safetensors holds the trained parameters only (factors and head).
 
 θ* itself is never stored: a resumed run rebuilds it from the base model and refuses to go on
 if its hash differs from the one recorded here.
@@ -22,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
+from tether.adapters import ADAPTER_DIR, is_adapted, merged_copy, save_adapter, trainable_state
 from tether.card import write_card
 from tether.errors import AnchorMismatch
 
@@ -53,7 +56,10 @@ def save_training_state(
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
     if rank != 0:
         return
-    save_model(model, str(directory / MODEL_FILE))
+    if is_adapted(model):  # the adapter and head only: the frozen base is θ*, rebuilt on resume
+        save_file(trainable_state(model), str(directory / MODEL_FILE))
+    else:
+        save_model(model, str(directory / MODEL_FILE))
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
@@ -81,6 +87,8 @@ def load_training_state(
     missing, unexpected = load_model(
         model, str(directory / MODEL_FILE), strict=False, device=str(device)
     )
+    if is_adapted(model):  # only the trained parameters are stored
+        missing = [k for k in missing if k in trainable_state(model)]
     if unexpected or [k for k in missing if not k.endswith("position_ids")]:
         raise RuntimeError(f"checkpoint {directory} does not fit the model: {missing} {unexpected}")
     optimizer.load_state_dict(
@@ -103,6 +111,10 @@ def export_hf_model(
     import yaml
 
     directory.mkdir(parents=True, exist_ok=True)
+    if is_adapted(model):
+        # the adapter for a base that serves many, and the merged model every loader reads
+        save_adapter(model, directory / ADAPTER_DIR, card)
+        model = merged_copy(model)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))

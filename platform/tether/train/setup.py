@@ -11,6 +11,9 @@ from typing import Any
 
 import torch
 
+from tether.adapters import anchored_names as lora_anchored_names
+from tether.adapters import apply_lora, frozen_base, lora_anchor
+from tether.adapters.anchor import LowRankAnchor
 from tether.anchor import Anchor, anchored_parameters, build_anchor, weights_hash
 from tether.config import JobSpec
 from tether.data import PreparedData, steps_per_epoch
@@ -48,7 +51,7 @@ class Setup:
 
     model: torch.nn.Module  # wrapped by the strategy (DDP)
     trainable: list[torch.nn.Parameter]
-    anchor: Anchor | None
+    anchor: Anchor | LowRankAnchor | None
     theta_star_hash: str
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -64,23 +67,16 @@ def set_up(
     spec: JobSpec, task: Task, data: PreparedData, strategy: Strategy, resume_dir: Path | None
 ) -> Setup:
     source = resolve_model_source(spec.model.name)
-    loaded = task.load_model(source, spec.model.revision, spec.model.trust_remote_code)
-    model = loaded.model.to(strategy.device)
+    model, new_params = build_model(spec, task, source)
+    model = model.to(strategy.device)
     if spec.train.gradient_checkpointing:
         # non-reentrant: works with DDP's no_sync and with frozen inputs
         model.gradient_checkpointing_enable({"use_reentrant": False})
-    freeze_parameters(
-        model, spec.model.freeze, spec.model.freeze_embeddings, spec.model.freeze_layers
-    )
-    anchored = anchored_parameters(model, loaded.new_param_names)
-    anchor = build_anchor(
-        anchored, spec.objective.lam, spec.objective.mode, spec.objective.anchor_dtype
-    )
-    theta_star_hash = weights_hash(anchored)
+    anchor, anchored_names, theta_star_hash = build_objective(spec, model, new_params)
     optimizer = torch.optim.AdamW(
         param_groups(
             model,
-            {n for n, _ in anchored},
+            anchored_names,
             spec.optim.lr,
             spec.optim.weight_decay,
             spec.optim.new_param_lr_scale,
@@ -125,6 +121,44 @@ def set_up(
         tokenizer_source=source,
         tokenizer=task.load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code),
     )
+
+
+def build_model(spec: JobSpec, task: Task, source: str) -> tuple[torch.nn.Module, set[str]]:
+    """The model as trained: the task's model on the base, frozen as asked, with its LoRA
+    adapter when ``model.adapter`` is set; and the names of its new (head) parameters."""
+    loaded = task.load_model(source, spec.model.revision, spec.model.trust_remote_code)
+    model = loaded.model
+    freeze_parameters(
+        model, spec.model.freeze, spec.model.freeze_embeddings, spec.model.freeze_layers
+    )
+    adapter = spec.model.adapter
+    if adapter is not None:
+        model = apply_lora(
+            model,
+            loaded.new_param_names,
+            adapter.r,
+            adapter.alpha,
+            adapter.dropout,
+            adapter.target_modules,
+            adapter.modules_to_save,
+        )
+    return model, loaded.new_param_names
+
+
+def build_objective(
+    spec: JobSpec, model: torch.nn.Module, new_params: set[str]
+) -> tuple[Anchor | LowRankAnchor | None, set[str], str]:
+    """θ*'s anchor, the names of the anchored parameters (their optimizer group) and θ*'s hash
+    (the identity a resume and a registered adapter check). With LoRA, θ* is the frozen base,
+    so the hash covers every pretrained weight."""
+    o = spec.objective
+    if spec.model.adapter is None:
+        anchored = anchored_parameters(model, new_params)
+        anchor = build_anchor(anchored, o.lam, o.mode, o.anchor_dtype)
+        return anchor, {n for n, _ in anchored}, weights_hash(anchored)
+    theta_star_hash = weights_hash(frozen_base(model, new_params))
+    anchor = lora_anchor(model, new_params, o.lam, o.mode, o.anchor_dtype)
+    return anchor, lora_anchored_names(model, new_params), theta_star_hash
 
 
 # --------------------------------------------------------------------------- optimizer pieces
