@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import signal
+import statistics
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -102,3 +104,17 @@ def exit_on_sigterm() -> None:
     """`timeout` and job schedulers send SIGTERM: exit through the finally blocks, so the
     workdir (gigabytes of checkpoints) is removed and the JSON so far is kept."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def verdict(diffs: list[float]) -> str:
+    """Paired differences over seeds (arm − control): 'helps' / 'hurts' only when the mean is
+    two standard errors from zero, else 'no clear difference'. The studies share this rule."""
+    if len(diffs) < 2:
+        return "one seed: no verdict"
+    mean = statistics.mean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    if mean - 2 * se > 0:
+        return "helps"
+    if mean + 2 * se < 0:
+        return "hurts"
+    return "no clear difference"

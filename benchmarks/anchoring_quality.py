@@ -57,7 +57,14 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import apply_quick, exit_on_sigterm, machine_info, quiet_libraries, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    apply_quick,
+    exit_on_sigterm,
+    machine_info,
+    quiet_libraries,
+    verdict,
+    write_json,
+)
 from tether.config import validate_job  # noqa: E402
 from tether.data import load_rows  # noqa: E402
 from tether.run import prepare_run_data, run_training  # noqa: E402
@@ -346,19 +353,6 @@ def run_cell(
 
 
 # --------------------------------------------------------------------------- summary
-
-
-def verdict(diffs: list[float]) -> str:
-    """Paired over seeds: 'helps' / 'hurts' only when the mean is 2 standard errors from 0."""
-    if len(diffs) < 2:
-        return "one seed: no verdict"
-    mean = statistics.mean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    if mean - 2 * se > 0:
-        return "helps"
-    if mean + 2 * se < 0:
-        return "hurts"
-    return "no clear difference"
 
 
 def summarize(cells: dict[int, dict[int, dict]], arms: list[str]) -> list[dict[str, Any]]:

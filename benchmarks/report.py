@@ -4,14 +4,14 @@
     .venv/bin/python benchmarks/report.py --out PATH      # somewhere else
 
 Reads <name>.json for each known benchmark (anchor_overhead, throughput_vs_hf,
-anchoring_quality, serve_load, hpo_efficiency, gpu_throughput); where only <name>_quick.json
-exists it shows that smoke run, marked as such; where neither exists the section says "not yet
-measured" and gives the command. The page opens with an "At a glance" table (every target, the
-measured number, the verdict, full or smoke run), then benchmarks/findings.md verbatim if it
-exists: the reading of the numbers, written by people. Files are read defensively: each file's
-top-level keys are printed, a renderer that meets an unexpected layout falls back to a generic
-one (scalars and tables of scalar fields), and PNG plots in the results folder are linked.
-Measures nothing itself.
+anchoring_quality, ner_conll, serve_load, serve_generation, hpo_efficiency, gpu_throughput);
+where only <name>_quick.json exists it shows that smoke run, marked as such; where neither
+exists the section says "not yet measured" and gives the command. The page opens with an "At
+a glance" table (every target, the measured number, the verdict, full or smoke run), then
+benchmarks/findings.md verbatim if it exists: the reading of the numbers, written by people.
+Files are read defensively: each file's top-level keys are printed, a renderer that meets an
+unexpected layout falls back to a generic one (scalars and tables of scalar fields), and PNG
+plots in the results folder are linked. Measures nothing itself.
 """
 
 from __future__ import annotations
@@ -224,6 +224,88 @@ def render_quality(d: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def render_ner(d: dict[str, Any]) -> str:
+    """ner_conll: the full-data part (scores, per type, curve) and the low-data comparison."""
+    parts = (
+        [] if d.get("complete", True) else ["**Partial run** (stopped before every part finished)."]
+    )
+    if d.get("full"):
+        parts.append(render_ner_full(d["full"]))
+    if d.get("lowdata"):
+        parts.append(render_ner_lowdata(d["lowdata"], d["settings"]))
+    return "\n\n".join(parts)
+
+
+def render_ner_full(f: dict[str, Any]) -> str:
+    types = list(f["dev"]["per_type"])
+    obj = f["objective"]
+    rate = f.get("train_samples_per_s")
+    head = (
+        f"Full data: {f['num_train']} training sentences, {f['workers']} Ray Train workers, "
+        f"{f['epochs']} epoch(s) ({f['steps']} steps), λ={fmt(obj['lambda'])} {obj['mode']}, "
+        f"lr {fmt(f['lr'])}; training wall {f['train_wall_s'] / 60:.1f} min, "
+        f"{'–' if rate is None else f'{rate:.1f}'} train samples/s. Dev entity F1 "
+        f"{pct(f['dev']['entity_f1'])} against the target ≥ {pct(f['target_dev_entity_f1'], 0)}: "
+        f"**{verdict(f['pass'])}** (re-scored from the exported model: "
+        f"{pct(f['dev_rescored_entity_f1'])})."
+    )
+    scores = md_table(
+        ["split", "sentences", "entity F1", "precision", "recall", *[f"F1 {t}" for t in types]],
+        [
+            [name, str(s["sentences"]), pct(s["entity_f1"]), pct(s["precision"]), pct(s["recall"])]
+            + [pct(s["per_type"][t], 1) for t in types]
+            for name, s in (("dev (loop)", f["dev"]), ("test (exported model)", f["test"]))
+        ],
+    )
+    curve = md_table(
+        ["step", "epoch", "train loss", "dev loss", "dev F1", *types, "samples/s"],
+        [
+            [str(c["step"]), f"{c['epoch']:.2f}", f"{c['train/fine_loss']:.4f}"]
+            + [f"{c['eval/loss']:.4f}", pct(c["eval/entity_f1"])]
+            + [pct(c.get(f"eval/f1/{t}"), 1) for t in types]
+            + [f"{c['train/samples_per_s']:.1f}"]
+            for c in f.get("curve", [])
+        ],
+    )
+    sizing = "; ".join(
+        f"{e['epochs']} epoch(s) ≈ {e['total_min']:.0f} min" for e in f.get("estimates", [])
+    )
+    if sizing:  # a sampled run: what the whole split would cost at its rates
+        head += f" Whole train split at this run's rates: {sizing}."
+    return f"{head}\n\n{scores}\n\nLearning curve (dev):\n\n{curve}"
+
+
+def render_ner_lowdata(low: dict[str, Any], s: dict[str, Any]) -> str:
+    grids = "; ".join(
+        f"{arm}: " + ", ".join(f"λ={fmt(lam)}/lr={fmt(lr)}" for lam, lr in g)
+        for arm, g in s.get("grids", {}).items()
+    )
+    rows = [
+        [
+            str(r["n"]),
+            r["arm"],
+            f"{pct(r['mean'])} ± {pct(r['std'])}",
+            "–" if r["arm"] == "plain" else f"{100 * r['delta_vs_plain_mean']:+.1f}",
+            "–" if r["arm"] == "plain" else f"{r['seeds_better_than_plain']}/{len(r['seeds'])}",
+            fmt(r["selected_lambdas"]),
+            fmt(r["selected_lrs"]),
+            r["verdict"],
+        ]
+        for r in low.get("summary", [])
+    ]
+    table = md_table(
+        ["n", "arm", "test F1 % (mean ± std)", "Δ vs plain (pts)", "seeds better"]
+        + ["selected λ", "selected lr", "verdict"],
+        rows,
+    )
+    partial = "" if low.get("complete", True) else " **Partial** (stopped before every cell)."
+    return (
+        f"Low data: seeds {fmt(s['seeds'])}; grids {grids}; ≥ {s['lowdata_epochs']} epochs and "
+        f"≥ {s['min_steps']} steps; winners chosen on a {s['val_sentences']}-sentence dev "
+        f"subset, scored on the test set.{partial}\n\n{table}"
+    )
+
+
 def columns(records: list[dict[str, Any]], keys: list[str]) -> list[list[Any]]:
     """One table row per record: its values at ``keys`` (None where missing)."""
     return [[r.get(k) for k in keys] for r in records]
@@ -375,6 +457,16 @@ BENCHMARKS = (
         f"{PY} benchmarks/anchoring_quality.py",
         f"{PY} benchmarks/anchoring_quality.py --quick",
         render_quality,
+    ),
+    Benchmark(
+        "ner_conll",
+        "NER on CoNLL-2003 (token classification)",
+        "entity F1 (dev and test, per type), wall time and samples/s of the packaged MiniLM "
+        "trained on the full CoNLL-2003 train split with 2 Ray Train workers (target: ≥ 85 dev "
+        "entity F1), and plain vs anchored fine-tuning at 200 and 1000 training sentences",
+        f"{PY} benchmarks/ner_conll.py",
+        f"{PY} benchmarks/ner_conll.py --quick",
+        render_ner,
     ),
     Benchmark(
         "serve_load",
@@ -554,6 +646,8 @@ def glance_rows(name: str, d: dict[str, Any]) -> list[list[str]]:
                 ]
             )
         return rows
+    if name == "ner_conll":
+        return ner_glance_rows(d)
     if name == "hpo_efficiency":
         v = d["verdict"]
         return [
@@ -616,6 +710,33 @@ def glance_rows(name: str, d: dict[str, Any]) -> list[list[str]]:
             )
         return rows
     return []
+
+
+def ner_glance_rows(d: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    f = d.get("full")
+    if f:
+        rows.append(
+            [
+                f"dev entity F1, {f['num_train']} training sentences, {f['workers']} workers, "
+                f"{f['epochs']} epoch(s)",
+                f"≥ {pct(f['target_dev_entity_f1'], 0)}",
+                f"{pct(f['dev']['entity_f1'])} (test {pct(f['test']['entity_f1'])})",
+                verdict(f["pass"]),
+            ]
+        )
+    for r in (d.get("lowdata") or {}).get("summary", []):
+        if r["arm"] != "plain":
+            rows.append(
+                [
+                    f"NER {r['arm']} vs plain, n={r['n']}",
+                    "report what is found",
+                    f"{100 * r['delta_vs_plain_mean']:+.1f} pts test F1 "
+                    f"({r['seeds_better_than_plain']}/{len(r['seeds'])} seeds better)",
+                    r["verdict"],
+                ]
+            )
+    return rows
 
 
 def verdict(ok: bool) -> str:
