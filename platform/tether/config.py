@@ -539,7 +539,15 @@ def check_sources(model_section: ModelSection | None, data: DataSection | None) 
     return problems
 
 
+REGISTERED_MODEL = re.compile(r"^models:/[^/@\s]+(?:@[^/@\s]+|/\d+)$")
+
+
 def _model_problems(model: str) -> list[str]:
+    if model.startswith(REGISTRY_PREFIX) and not REGISTERED_MODEL.match(model):
+        return [
+            f"model.name: a registered model is models:/NAME@ALIAS or models:/NAME/VERSION "
+            f"(got {model!r})"
+        ]
     if model.startswith(PACKAGED_PREFIX) and model[len(PACKAGED_PREFIX) :] not in PACKAGED_MODELS:
         known = ", ".join(PACKAGED_PREFIX + k for k in PACKAGED_MODELS)
         return [f"model.name: unknown packaged model {model!r} (known: {known})"]

@@ -262,7 +262,9 @@ def ask_llm(sweep, options, headers: dict, summary: dict, report: list[str]) -> 
     from tether.models import resolve_model_source
     from tether.tasks.causal_lm import CausalLM
 
-    base = CausalLM().predictor(resolve_model_source(sweep.spec.model.name), {})
+    base = CausalLM().predictor(
+        resolve_model_source(sweep.spec.model.name, sweep.spec.storage.path), {}
+    )
     served = []
     print("  sample chat completions (greedy), beside θ*'s answers:")
     for prompt in SAMPLE_CHATS:

@@ -101,7 +101,7 @@ def score_curve(spec: JobSpec, folder: Path, alphas: list[float]) -> tuple[Curve
 
     task, data = prepare_run_data(spec)
     tuned = task.load_model(str(folder), None, False).model.eval()
-    base_source = resolve_model_source(spec.model.name)
+    base_source = resolve_model_source(spec.model.name, spec.storage.path)
     base = task.load_model(base_source, spec.model.revision, spec.model.trust_remote_code)
     pairs = interpolation_pairs(tuned, base.model, base.new_param_names)
     del base

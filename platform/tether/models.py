@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tether.errors import ModelSourceError
-from tether.sources import PACKAGED_MODELS, PACKAGED_PREFIX, PackagedModel
+from tether.sources import PACKAGED_MODELS, PACKAGED_PREFIX, REGISTRY_PREFIX, PackagedModel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,8 +31,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # --------------------------------------------------------------------------- sources
 
 
-def resolve_model_source(name: str) -> str:
-    """'packaged:NAME' → a local HF folder; paths and hub ids unchanged."""
+def resolve_model_source(name: str, storage: str | Path | None = None) -> str:
+    """'packaged:NAME' → a local HF folder; 'models:/NAME/VERSION' → the registered model the
+    driver downloaded under ``storage`` (``registered_base_dir``); paths and hub ids unchanged."""
+    if name.startswith(REGISTRY_PREFIX):
+        return str(registered_base_dir(name, storage))
     if not name.startswith(PACKAGED_PREFIX):
         return name
     key = name[len(PACKAGED_PREFIX) :]
@@ -44,6 +47,26 @@ def resolve_model_source(name: str) -> str:
         module = importlib.import_module(packaged.module)
         return str(module.get_model_path()) if hasattr(module, "get_model_path") else str(folder)
     return str(converted_gguf(key, folder / packaged.gguf_file))
+
+
+def registered_base_dir(model_uri: str, storage: str | Path | None) -> Path:
+    """Where a pinned registered base lives: ``<storage.path>/bases/NAME-vVERSION``, on the
+    run's storage so every node of a cluster finds it, as it finds checkpoints there."""
+    name, sep, version = model_uri[len(REGISTRY_PREFIX) :].partition("/")
+    if not sep or not version.isdigit():
+        raise ModelSourceError(
+            f"model.name: {model_uri} is not pinned to a version (the driver pins an alias "
+            "before any worker starts)"
+        )
+    if storage is None:
+        raise ModelSourceError(f"model.name: {model_uri} needs the run's storage path")
+    folder = Path(storage) / "bases" / f"{name}-v{version}"
+    if not (folder / "tether.json").is_file():
+        raise ModelSourceError(
+            f"model.name: {model_uri} is not downloaded to {folder} (tether train and tether "
+            "tune download it on the driver)"
+        )
+    return folder
 
 
 def _package_dir(key: str, packaged: PackagedModel) -> Path:
@@ -148,6 +171,8 @@ def load_pretrained(
             use_safetensors=True,
             dtype=torch.float32,
             output_loading_info=True,
+            # a head of another size (a cascade onto other labels) is made anew, and named
+            ignore_mismatched_sizes=bool(head_kwargs),
             **head_kwargs,
         )
     finally:

@@ -59,8 +59,9 @@ class TrainOutcome:
 
 def prepare_run_data(spec: JobSpec, use_cache: bool = True) -> tuple[Task, PreparedData]:
     """Build the task and encode the job's data on the driver, failing before any Ray work."""
+    pin_registered_base(spec)
     task = build_task(spec)
-    source = resolve_model_source(spec.model.name)
+    source = resolve_model_source(spec.model.name, spec.storage.path)
     tokenizer = task.load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code)
     data = prepare_data(spec.data, task, tokenizer, spec.model.label_names, use_cache)
     task = task.with_labels(data.label_names)
@@ -69,12 +70,76 @@ def prepare_run_data(spec: JobSpec, use_cache: bool = True) -> tuple[Task, Prepa
     )
     data.extras.update(extras)
     data.stats.update(constants)
+    check_cascade_labels(spec, source, data.label_names)
     if spec.model.num_labels is not None and spec.model.num_labels != len(data.label_names):
         raise DataError(
             f"model.num_labels: {spec.model.num_labels} but the data has "
             f"{len(data.label_names)} labels {data.label_names}"
         )
     return task, data
+
+
+def pin_registered_base(spec: JobSpec) -> None:
+    """Cascaded fine-tuning: ``model.name: models:/NAME@ALIAS`` (or ``/VERSION``) starts from a
+    registered model, so θ* is *its* weights. The alias is pinned to the version it points at
+    now (``spec.model.name`` becomes ``models:/NAME/VERSION``: the run's identity and lineage,
+    and what every worker loads, even if the alias moves mid-run), and that version is
+    downloaded once to ``<storage.path>/bases/``, where every node finds it."""
+    from tether.errors import ModelSourceError
+    from tether.models import registered_base_dir
+    from tether.sources import REGISTRY_PREFIX
+
+    name = spec.model.name
+    if not name.startswith(REGISTRY_PREFIX):
+        return
+    from mlflow.exceptions import MlflowException
+
+    from tether.config import resolve_tracking_uri
+    from tether.registry import discard_download, fetch_model_dir, resolve_version
+
+    uri = resolve_tracking_uri(spec.tracking.uri)
+    try:
+        identity = resolve_version(uri, name)
+    except (MlflowException, ValueError) as e:
+        raise ModelSourceError(f"model.name: {name} is not in the registry at {uri} ({e})") from e
+    pinned = f"{REGISTRY_PREFIX}{identity['name']}/{identity['version']}"
+    target = Path(spec.storage.path) / "bases" / f"{identity['name']}-v{identity['version']}"
+    if not (target / "tether.json").is_file():
+        folder = fetch_model_dir(pinned, uri)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        discard_download(folder)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    if pinned != name:
+        print(f"tether: model.name {name} is {pinned}", flush=True)
+    spec.model.name = pinned
+    registered_base_dir(pinned, spec.storage.path)  # fails here, naming it, if it is not there
+
+
+def check_cascade_labels(spec: JobSpec, source: str, labels: list[str]) -> None:
+    """A registered base's head is reused when it has this data's labels in the same order; a
+    head of another size is made anew (said here); the same size with other names is refused
+    (its rows would silently mean other classes)."""
+    from tether.sources import REGISTRY_PREFIX
+
+    if not spec.model.name.startswith(REGISTRY_PREFIX):
+        return
+    theirs = card_or_empty(Path(source)).get("label_names") or []
+    if not theirs or list(theirs) == list(labels):
+        return
+    if len(theirs) != len(labels):
+        print(
+            f"tether: {spec.model.name} has labels {theirs}, this data {labels}: a new head "
+            "is trained (no θ* for it)",
+            flush=True,
+        )
+        return
+    raise DataError(
+        f"model.label_names: {spec.model.name} was trained on labels {theirs} and this data "
+        f"has {labels}: set model.label_names to the registered order to reuse its head"
+    )
 
 
 def default_run_name(spec: JobSpec) -> str:
@@ -412,7 +477,7 @@ def export_checkpoint(spec: JobSpec, task: Task, checkpoint: Path, out_dir: Path
     from tether.train.checkpoint import MODEL_FILE, export_hf_model, model_card, read_state
     from tether.train.setup import build_model
 
-    source = resolve_model_source(spec.model.name)
+    source = resolve_model_source(spec.model.name, spec.storage.path)
     model, _ = build_model(spec, task, source)  # with its adapter, so the checkpoint fits
     load_model(model, str(checkpoint / MODEL_FILE), strict=False)
     tokenizer = task.load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code)

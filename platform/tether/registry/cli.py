@@ -55,8 +55,24 @@ def cmd_list(args: argparse.Namespace) -> int:
                 f"λ={tags.get('lambda', '-'):<8} "
                 f"{tags.get('mode', '-'):<9} run {v.run_id[:12] if v.run_id else '-'}  "
                 + (f"[{', '.join(sorted(names))}]" if names else "")
+                + lineage(tags)
             )
     return 0
+
+
+def lineage(tags: dict) -> str:
+    """' ← models:/x/2' for a version fine-tuned from a registered one (its chain, step by
+    step: each parent's own line shows its parent); ' (LoRA r=8)' for an adapter."""
+    import json
+
+    out = ""
+    base = tags.get("tether.base_model", "")
+    if base.startswith("models:/"):
+        out += f"  ← {base}"
+    adapter = json.loads(tags.get("tether.adapter") or "null")
+    if isinstance(adapter, dict):
+        out += f"  (LoRA r={adapter.get('r')})"
+    return out
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

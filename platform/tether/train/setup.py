@@ -66,7 +66,7 @@ class Setup:
 def set_up(
     spec: JobSpec, task: Task, data: PreparedData, strategy: Strategy, resume_dir: Path | None
 ) -> Setup:
-    source = resolve_model_source(spec.model.name)
+    source = resolve_model_source(spec.model.name, spec.storage.path)
     model, new_params = build_model(spec, task, source)
     model = model.to(strategy.device)
     if spec.train.gradient_checkpointing:
