@@ -187,3 +187,107 @@ def test_submitted_train_job_spans_both_nodes_and_writes_shared_storage(
         "checkpoint_000003",
         "checkpoint_000006",
     ]
+
+
+@pytest.fixture(scope="module")
+def serving_cluster():
+    """A head with no CPUs and a worker node with two: every replica lands on the worker node,
+    a raylet of its own, working in its own directory, away from the registry's folder."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+            "object_store_memory": 200 * 1024**2,
+        },
+    )
+    worker = cluster.add_node(num_cpus=2, object_store_memory=200 * 1024**2)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, worker.node_id
+    finally:
+        cluster.shutdown()
+
+
+def test_a_replica_on_another_node_serves_the_pinned_registry_version(
+    serving_cluster, tiny_model_dir, tmp_path
+):
+    """`tether serve --model-uri models:/svc@champion --tracking-uri …` against a 2-node
+    cluster: the replica runs on the worker node and loads v1 from the registry it was told
+    (the store lies in no process's working directory, so a replica without the URI would open
+    an empty ./mlflow.db there), and stays pinned to v1 when the alias moves."""
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+    from mlflow.tracking import MlflowClient
+
+    from tether.registry import log_model, register_version
+    from tether.tracking import active_tracking_uri
+
+    from .test_serve import build_model_dir
+
+    cluster, worker_node = serving_cluster
+    store = tmp_path / "registry"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("serve", artifact_location=(store / "art").as_uri())
+    for i in (1, 2):
+        model_dir = build_model_dir(tiny_model_dir, tmp_path / f"m{i}", f"svc-{i}", seed=i)
+        run_id = client.create_run(exp).info.run_id
+        with active_tracking_uri(uri):  # MLflow resolves models:/m-… through the global URI
+            register_version(client, log_model(uri, run_id, model_dir), "svc", run_id, {})
+    client.set_registered_model_alias("svc", "champion", "1")
+
+    elsewhere = tmp_path / "cwd"  # a default ./mlflow.db here would be an empty store
+    elsewhere.mkdir()
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "TETHER_API_KEY", "MLFLOW_TRACKING_URI")
+    }
+    argv = [sys.executable, "-m", "tether.cli", "serve", "--model-uri", "models:/svc@champion"]
+    argv += ["--tracking-uri", uri, "--address", cluster.address, "--port", str(port)]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=elsewhere, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        client.set_registered_model_alias("svc", "champion", "2")  # the alias moves on
+        info = httpx.get(f"{url}/v1/model", timeout=30).json()
+        assert (info["name"], info["version"], info["alias"]) == ("svc", "1", "champion")
+        answer = httpx.post(f"{url}/v1/predict", json={"texts": ["fine"]}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
+        from ray.util.state import list_actors
+
+        replicas = [
+            a
+            for a in list_actors(address=cluster.gcs_address, filters=[("state", "=", "ALIVE")])
+            if a.class_name.startswith("ServeReplica")
+        ]
+        assert replicas and {a.node_id for a in replicas} == {worker_node}
+        assert not (elsewhere / "mlflow.db").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -497,3 +497,64 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(offline):
     first, second = asyncio.run(run())
     assert isinstance(first[-1], Failed) and "boom" in first[-1].message
     assert isinstance(second[-1], Finished) and second[-1].completion_tokens > 0
+
+
+def test_the_engine_times_out_sheds_load_and_samples_per_request_in_one_batch(offline):
+    """A request past its time limit ends with length and timed_out; a full waiting queue
+    refuses at once (the 503); greedy and seeded sampled requests decoding in the same batch
+    each give what they give alone."""
+    import time as clock
+
+    from tether.serving.engine import Delta, Finished, Overloaded, Sampling, TransformersEngine
+
+    prompt = offline.chat_prompt([{"role": "user", "content": "Tell me a story."}])
+
+    async def text_of(engine, sampling):
+        parts, end = [], None
+        async for event in engine.submit(prompt, sampling).events():
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            else:
+                end = event
+        return "".join(parts), end
+
+    async def timed_out():
+        engine = TransformersEngine(offline, max_batch=2)
+        real = engine.model
+
+        def slow(*args, **kwargs):  # every step takes 50 ms
+            clock.sleep(0.05)
+            return real(*args, **kwargs)
+
+        engine.model = slow
+        return await text_of(engine, Sampling(max_new_tokens=200, timeout_s=0.2))
+
+    _, end = asyncio.run(timed_out())
+    assert isinstance(end, Finished) and end.reason == "length" and end.timed_out
+    assert 0 < end.completion_tokens < 200
+
+    async def overloaded():
+        engine = TransformersEngine(offline, max_batch=1, max_waiting=2)
+        engine.submit(prompt, Sampling(max_new_tokens=2))
+        engine.submit(prompt, Sampling(max_new_tokens=2))
+        with pytest.raises(Overloaded):
+            engine.submit(prompt, Sampling(max_new_tokens=2))
+
+    asyncio.run(overloaded())
+
+    greedy = Sampling(max_new_tokens=10, temperature=0.0)
+    sampled = Sampling(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+
+    async def alone(sampling):
+        return await text_of(TransformersEngine(offline, max_batch=4), sampling)
+
+    async def together():
+        engine = TransformersEngine(offline, max_batch=4)
+        results = await asyncio.gather(text_of(engine, greedy), text_of(engine, sampled))
+        return results, engine.stats()
+
+    (g, s), stats = asyncio.run(together())
+    assert stats["batched_steps"] > 0  # they did share decode steps
+    assert g[0] == asyncio.run(alone(greedy))[0]
+    assert s[0] == asyncio.run(alone(sampled))[0]
+    assert g[0] != s[0]
