@@ -11,7 +11,8 @@ threads, one process at a time:
     tether-coupled   the same with the coupled anchor (λ = 0.1)
     trainer          transformers Trainer on the same token ids and labels, with the settings
                      a user would pick for this job: dynamic padding (DataCollatorForSeq2Seq),
-                     group_by_length, fused AdamW, no evaluation during training
+                     length-grouped batches, fused AdamW, no evaluation during training
+                     (tether's arms group by length too: data.group_by_length)
 
 Throughput is target-and-context tokens (all non-pad input tokens) per second of the training
 loop, from each framework's own timer (tether: train/samples_per_s × mean tokens per chat;
@@ -66,6 +67,7 @@ def job(args, workdir: Path, lam: float, name: str) -> dict[str, Any]:
             "max_train_samples": args.examples,
             "max_validation_samples": 16,
             "max_length": 128,
+            "group_by_length": True,  # as the Trainer arm: batches of similar lengths
         },
         "objective": {"lambda": lam, "mode": "coupled"},
         "optim": {"lr": 5e-5, "warmup_ratio": 0.0},
@@ -128,7 +130,7 @@ def run_trainer(args, workdir: Path, k: int, data, mean_tokens: float) -> dict[s
         learning_rate=5e-5,
         lr_scheduler_type="linear",
         optim="adamw_torch_fused",
-        group_by_length=True,
+        train_sampling_strategy="group_by_length",  # transformers 5's name for length grouping
         dataloader_num_workers=0,
         logging_strategy="no",
         save_strategy="no",

@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/report.py --out PATH      # somewhere else
 
 Reads <name>.json for each known benchmark (anchor_overhead, throughput_vs_hf,
-anchoring_quality, ner_conll, serve_load, serve_generation, hpo_efficiency, gpu_throughput);
+anchoring_quality, ner_conll, serve_load, serve_generation, llm_throughput, forgetting_study,
+hpo_efficiency, gpu_throughput);
 where only <name>_quick.json exists it shows that smoke run, marked as such; where neither
 exists the section says "not yet measured" and gives the command. The page opens with an "At
 a glance" table (every target, the measured number, the verdict, full or smoke run), then
@@ -21,6 +22,7 @@ import datetime as dt
 import functools
 import json
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,7 +76,7 @@ def machine_line(d: dict[str, Any]) -> str:
     m = d.get("machine")
     if not isinstance(m, dict):
         return "machine: not recorded"
-    keys = ("cpu_count", "torch_threads", "torch", "transformers", "ray", "python")
+    keys = ("cpu_count", "torch_threads", "threads", "torch", "transformers", "ray", "python")
     parts = [f"{k} {m[k]}" for k in keys if k in m]
     if "load_avg_1m_start" in m:
         end = m.get("load_avg_1m_end")
@@ -342,6 +344,186 @@ def render_serve_generation(d: dict[str, Any]) -> str:
     return head + table + (f"\n\n{d['verdict']}" if d.get("verdict") else "")
 
 
+# llm_throughput's targets (the causal-LM issue; the JSON records the numbers, not the targets)
+LLM_MIN_RATIO, LLM_MAX_OVERHEAD = 1.0, 0.03
+LLM_ARMS = ("tether-lambda0", "tether-coupled", "trainer")
+
+
+def render_llm_throughput(d: dict[str, Any]) -> str:
+    s, runs, summary = d["settings"], d.get("runs", []), d.get("summary")
+    mean_tokens = d.get("mean_tokens_per_chat")
+    head = (
+        f"SmolLM2-135M-Instruct on tether's synthetic chat SFT set (assistant turns as targets): "
+        f"{s['examples']} chats, {'?' if mean_tokens is None else f'{mean_tokens:.1f}'} non-pad "
+        f"tokens each on average; {s['steps']} optimizer steps of {s['batch_size']} chats per "
+        f"run, {s['rounds']} interleaved round(s), coupled λ {fmt(s['lam'])}, "
+        f"{s['threads']} threads, one process at a time. tokens/s = each framework's own "
+        "samples/s × the mean tokens per chat."
+    )
+    arms = [a for a in LLM_ARMS if any(r["arm"] == a for r in runs)]
+    arms += sorted({r["arm"] for r in runs} - set(arms))
+    rows = []
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        tps = [r["tokens_per_s"] for r in mine]
+        rows.append(
+            [
+                arm,
+                f"{statistics.median(tps):.1f}",
+                f"{min(tps):.1f} – {max(tps):.1f}",
+                f"{statistics.median(r['samples_per_s'] for r in mine):.2f}",
+                f"{statistics.median(r['wall_s'] for r in mine):.0f}",
+                ", ".join(f"{x:.1f}" for x in tps),
+            ]
+        )
+    table = md_table(
+        ["arm", "tokens/s (median)", "min – max", "samples/s", "wall s", "per round"], rows
+    )
+    if not summary:
+        total = s["rounds"] * len(LLM_ARMS)
+        return (
+            f"**Partial run** (stopped or still running: {len(runs)} of {total} runs, no "
+            f"summary).\n\n{head}\n\n{table}"
+        )
+    ratio, overhead = summary["lambda0_vs_trainer"], summary["coupled_overhead"]
+    med = summary["median_tokens_per_s"]
+    verdicts = md_table(
+        ["check", "measured", "target", "verdict"],
+        [
+            [
+                "tether λ=0 / Trainer tokens/s",
+                f"{ratio:.2f}× ({med['tether-lambda0']:.1f} vs {med['trainer']:.1f})",
+                f"≥ {LLM_MIN_RATIO}×",
+                verdict(ratio >= LLM_MIN_RATIO),
+            ],
+            [
+                "coupled anchor overhead (1 − coupled / λ=0)",
+                f"{100 * overhead:+.1f} %",
+                f"≤ {100 * LLM_MAX_OVERHEAD:.0f} %",
+                verdict(overhead <= LLM_MAX_OVERHEAD),
+            ],
+        ],
+    )
+    return f"{head}\n\n{table}\n\n{verdicts}"
+
+
+def forgetting_arms(d: dict[str, Any]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per arm (mean, std) over seeds of exact_match, eval_loss and forgetting: the script's
+    summary, or the same computed from the runs so far (a partial run has no summary)."""
+    if d.get("arms"):
+        return d["arms"]
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for arm in dict.fromkeys(r["arm"] for r in d.get("runs", [])):
+        mine = [r for r in d["runs"] if r["arm"] == arm]
+        out[arm] = {
+            k: (
+                statistics.mean(r[k] for r in mine),
+                statistics.stdev(r[k] for r in mine) if len(mine) > 1 else 0.0,
+            )
+            for k in ("exact_match", "eval_loss", "forgetting")
+        }
+    return out
+
+
+def forgetting_rule(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per anchored arm: its task gain over θ*, and whether it keeps ≥ 95 % of plain's gain
+    and has ≤ half plain's forgetting (the study's pass rule, as forgetting_study.verdict)."""
+    arms, base = forgetting_arms(d), d["theta_star"]["eval/exact_match"]
+    if "plain" not in arms:
+        return {}
+    plain_gain = arms["plain"]["exact_match"][0] - base
+    plain_forgetting = arms["plain"]["forgetting"][0]
+    out = {}
+    for arm, s in arms.items():
+        if arm == "plain":
+            continue
+        gain = s["exact_match"][0] - base
+        keeps = gain >= 0.95 * plain_gain if plain_gain > 0 else gain >= plain_gain
+        halves = s["forgetting"][0] <= 0.5 * plain_forgetting
+        out[arm] = {
+            "gain": gain,
+            "gain_share": gain / plain_gain if plain_gain > 0 else None,
+            "forgetting": s["forgetting"][0],
+            "forgetting_share": s["forgetting"][0] / plain_forgetting
+            if plain_forgetting > 0
+            else None,
+            "keeps": keeps,
+            "halves": halves,
+        }
+    return out
+
+
+def share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f} %"
+
+
+def of_plain(x: float | None) -> str:
+    """' (97 % of plain's)', or nothing where plain's own number is not positive."""
+    return "" if x is None else f" ({share(x)} of plain's)"
+
+
+def render_forgetting(d: dict[str, Any]) -> str:
+    s, base = d["settings"], d["theta_star"]
+    arms, rule = forgetting_arms(d), forgetting_rule(d)
+    head = (
+        f"SmolLM2-135M-Instruct fine-tuned on tether's synthetic chat task: {s['examples']} "
+        f"training chats, {s['epochs']} epoch(s), lr {fmt(s['lr'])}, batch {s['batch_size']}, "
+        f"seeds {fmt(s['seeds'])}; only the objective differs (arm names carry λ; coupled: "
+        "grad += 2λ(θ − θ*), decoupled: θ ← θ − lr·λ(θ − θ*) after each step). Task: "
+        "eval/exact_match on the validation chats; forgetting: NLL of θ*'s own greedy answers "
+        "to the general probe prompts minus θ*'s (0 = nothing forgotten, lower is better). "
+        f"θ*: exact match {pct(base['eval/exact_match'], 1)} %, eval loss "
+        f"{base['eval/loss']:.4f}."
+    )
+    plain = arms.get("plain")
+    rows = []
+    for arm, m in arms.items():
+        r = rule.get(arm)
+        (em, ems), (loss, loss_s), (f, fs) = m["exact_match"], m["eval_loss"], m["forgetting"]
+        rows.append(
+            [
+                arm,
+                f"{pct(em, 1)} ± {pct(ems, 1)}",
+                f"{100 * (em - base['eval/exact_match']):+.1f}",
+                f"{loss:.4f} ± {loss_s:.4f}",
+                f"{f:+.4f} ± {fs:.4f}",
+                "–" if r is None else share(r["gain_share"]),
+                "–" if r is None else share(r["forgetting_share"]),
+                "–" if r is None else ("yes" if r["keeps"] and r["halves"] else "no"),
+            ]
+        )
+    table = md_table(
+        ["arm", "exact match % (mean ± std)", "gain over θ* (pts)", "eval loss", "forgetting"]
+        + ["gain vs plain", "forgetting vs plain", "meets rule"],
+        rows,
+    )
+    per_seed = md_table(
+        ["arm", "seed", "exact match %", "eval loss", "forgetting", "drift L2", "load avg"],
+        [
+            [r["arm"], str(r["seed"]), pct(r["exact_match"], 1), f"{r['eval_loss']:.4f}"]
+            + [f"{r['forgetting']:+.4f}", fmt(r.get("drift_l2")), fmt(r.get("load_avg_1m"))]
+            for r in sorted(
+                d.get("runs", []), key=lambda r: (list(arms).index(r["arm"]), r["seed"])
+            )
+        ],
+    )
+    parts = [head, table]
+    if "verdict" not in d:
+        parts.insert(0, "**Partial run** (stopped or still running: no verdict; means so far).")
+    if plain is not None:
+        passing = [a for a, r in rule.items() if r["keeps"] and r["halves"]]
+        parts.append(
+            "Pass rule (some λ keeps ≥ 95 % of plain's task gain with ≤ half its forgetting): "
+            f"**{verdict(bool(passing))}**{'' if 'verdict' in d else ' so far'}"
+            + (f", met by {', '.join(passing)}." if passing else ", met by no arm.")
+        )
+    lines = d.get("verdict")
+    if isinstance(lines, list) and lines:
+        parts.append("The script's verdict:\n\n" + "\n".join(f"- {line}" for line in lines))
+    parts.append(f"Per run:\n\n{per_seed}")
+    return "\n\n".join(parts)
+
+
 def render_gpu(d: dict[str, Any]) -> str:
     m, s = d.get("machine", {}), d["settings"]
     rows = [
@@ -487,6 +669,27 @@ BENCHMARKS = (
         f"{PY} benchmarks/serve_generation.py",
         f"{PY} benchmarks/serve_generation.py --quick",
         render_serve_generation,
+    ),
+    Benchmark(
+        "llm_throughput",
+        "LLM training throughput vs Hugging Face Trainer",
+        "tokens/s of tether's loop (λ=0, coupled) vs transformers.Trainer (dynamic padding, "
+        "length grouping, fused AdamW) fine-tuning SmolLM2-135M-Instruct on the synthetic chat "
+        "SFT set, same steps and batch, single process, CPU (targets: λ=0 ≥ 1.0× Trainer; "
+        "coupled anchor overhead ≤ 3 %)",
+        f"{PY} benchmarks/llm_throughput.py",
+        f"{PY} benchmarks/llm_throughput.py --quick",
+        render_llm_throughput,
+    ),
+    Benchmark(
+        "forgetting_study",
+        "Does the anchor buy retention? (SmolLM2 chat SFT)",
+        "task exact match and eval/forgetting (NLL of θ*'s answers to general probe prompts) "
+        "of plain vs coupled vs decoupled chat SFT on SmolLM2-135M-Instruct, mean ± std over "
+        "seeds (target: some λ keeps ≥ 95 % of plain's task gain with ≤ half its forgetting)",
+        f"{PY} benchmarks/forgetting_study.py",
+        f"{PY} benchmarks/forgetting_study.py --quick",
+        render_forgetting,
     ),
     Benchmark(
         "hpo_efficiency",
@@ -648,6 +851,10 @@ def glance_rows(name: str, d: dict[str, Any]) -> list[list[str]]:
         return rows
     if name == "ner_conll":
         return ner_glance_rows(d)
+    if name == "llm_throughput":
+        return llm_glance_rows(d)
+    if name == "forgetting_study":
+        return forgetting_glance_rows(d)
     if name == "hpo_efficiency":
         v = d["verdict"]
         return [
@@ -739,6 +946,74 @@ def ner_glance_rows(d: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def llm_glance_rows(d: dict[str, Any]) -> list[list[str]]:
+    summary = d.get("summary")
+    if not summary:
+        total = d["settings"]["rounds"] * len(LLM_ARMS)
+        return [["tokens/s vs Trainer", "–", f"{len(d['runs'])} of {total} runs, no summary", "–"]]
+    ratio, overhead = summary["lambda0_vs_trainer"], summary["coupled_overhead"]
+    med = summary["median_tokens_per_s"]
+    return [
+        [
+            "tokens/s tether λ=0 / Trainer",
+            f"≥ {LLM_MIN_RATIO}×",
+            f"{ratio:.2f}× ({med['tether-lambda0']:.1f} vs {med['trainer']:.1f} tokens/s)",
+            verdict(ratio >= LLM_MIN_RATIO),
+        ],
+        [
+            "coupled anchor overhead over λ=0",
+            f"≤ {100 * LLM_MAX_OVERHEAD:.0f} %",
+            f"{100 * overhead:+.1f} %",
+            verdict(overhead <= LLM_MAX_OVERHEAD),
+        ],
+    ]
+
+
+def forgetting_glance_rows(d: dict[str, Any]) -> list[list[str]]:
+    arms, rule = forgetting_arms(d), forgetting_rule(d)
+    if "plain" not in arms:
+        return [["task vs forgetting", "–", f"{len(d.get('runs', []))} runs, no plain arm", "–"]]
+    base = d["theta_star"]["eval/exact_match"]
+    plain = arms["plain"]
+    rows = [
+        [
+            "plain (λ=0): task gain over θ*, forgetting",
+            "reference",
+            f"{100 * (plain['exact_match'][0] - base):+.1f} pts exact match, forgetting "
+            f"{plain['forgetting'][0]:+.4f}",
+            "–",
+        ]
+    ]
+    rows += [
+        [
+            f"{arm} vs plain",
+            "≥ 95 % of gain, ≤ 50 % of forgetting",
+            f"{100 * r['gain']:+.1f} pts{of_plain(r['gain_share'])}, forgetting "
+            f"{r['forgetting']:+.4f}{of_plain(r['forgetting_share'])}",
+            "meets" if r["keeps"] and r["halves"] else "misses",
+        ]
+        for arm, r in rule.items()
+    ]
+    passing = [a for a, r in rule.items() if r["keeps"] and r["halves"]]
+    rows.append(
+        [
+            "some λ meets the retention rule",
+            "≥ 1 anchored arm",
+            f"met by {', '.join(passing)}" if passing else "met by no arm",
+            verdict(bool(passing)) + ("" if "verdict" in d else " so far"),
+        ]
+    )
+    return rows
+
+
+def is_partial(name: str, d: dict[str, Any]) -> bool:
+    """A run stopped (or still running) before its summary: said so in the glance table."""
+    if d.get("complete") is False:
+        return True
+    missing = {"llm_throughput": "summary", "forgetting_study": "verdict"}.get(name)
+    return missing is not None and missing not in d
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -758,8 +1033,8 @@ def glance(results: Path) -> str:
             found = glance_rows(b.name, d) if d is not None else [["–", "–", "unreadable", "–"]]
         except (ValueError, KeyError, TypeError, IndexError) as e:
             found = [["(see its section)", "–", f"unexpected layout: {type(e).__name__}", "–"]]
-        if kind == "full" and d is not None and d.get("complete") is False:
-            kind = "full, partial"
+        if d is not None and is_partial(b.name, d):
+            kind = "full, partial" if kind == "full" else "quick only, partial"
         rows += [[b.title, *r, kind] for r in found]
     headers = ["benchmark", "what", "target", "measured", "verdict", "run"]
     return "## At a glance\n\n" + md_table(headers, rows) + "\n"

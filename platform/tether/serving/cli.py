@@ -53,7 +53,7 @@ def register(subparsers) -> None:
         help="HTTP request limit (default 30; 300 for LLMs)",
     )
     p.add_argument(
-        "--max-new-tokens", type=int, default=512, help="LLMs: the largest max_tokens (422 above)"
+        "--max-new-tokens", type=int, default=512, help="LLMs: the largest max_tokens (400 above)"
     )
     p.add_argument(
         "--max-waiting",
