@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,10 @@ def test_quick_demo_runs_search_register_serve_and_answers(
     assert all(p["label"] in ("negative", "positive") for p in predictions)
     for line in ("best trial:", "best λ=0", "MLflow UI:", "endpoint: curl"):
         assert line in out
+    # progress inside each trial, one line per evaluation with step/total and an ETA: more
+    # lines than trials (each trial evaluates more than once)
+    progress = re.findall(r"trial #\d+ .*: step \d+/\d+ epoch [\d.]+ .*s left\)", out)
+    assert len(progress) > summary["trials"], out[-3000:]
 
 
 def test_quick_llm_demo_sweeps_registers_and_chats(

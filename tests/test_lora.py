@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,3 +220,64 @@ def test_lora_under_ddp_trains_and_scores_like_one_worker(
     )
     assert alone["eval/accuracy"] == outcome.summary["metrics"]["eval/accuracy"]
     assert alone["eval/loss"] == pytest.approx(outcome.summary["metrics"]["eval/loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_lora_adapter_on_a_causal_lm_learns_anchored_and_merges_exactly(tiny_llama_dir, tmp_path):
+    """LoRA on every linear of a tiny Llama (tied embeddings, no new head): the anchored
+    adapter learns (eval loss far below θ*'s), the probe's forgetting is measured, and the
+    merged export gives the logits and greedy answers of base + adapter."""
+    from peft import PeftModel
+
+    from tether.config import validate_job
+    from tether.run import prepare_run_data, run_training
+    from tether.tasks.causal_lm import CausalLM, greedy_answers
+    from tether.train.loop import evaluate
+    from tether.train.strategy import DataParallel
+
+    from .test_causal_lm import lm_job, write_jsonl
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question number {i}?"},
+                {"role": "assistant", "content": "tether says hi."},
+            ]
+        }
+        for i in range(48)
+    ]
+    path = write_jsonl(tmp_path / "taught.jsonl", rows)
+    job = lm_job(
+        tiny_llama_dir,
+        str(path),
+        tmp_path / "runs",
+        model={"adapter": {"r": 8, "alpha": 16.0}},
+        objective={"lambda": 0.01},
+        optim={"lr": 1e-2},
+        train={"epochs": 6, "eval_interval": 18},
+        data={"validation_fraction": 0.125},
+        eval={"forgetting_probe": "builtin", "probe_max_new_tokens": 8},
+    )
+    spec = validate_job(job)
+    outcome = run_training(spec)
+    metrics = outcome.summary["metrics"]
+    task, data = prepare_run_data(spec)
+    base = task.load_model(str(tiny_llama_dir), None, False).model.eval()
+    cpu = DataParallel(0, 1, torch.device("cpu"))
+    before = evaluate(base, data.validation, task, data.pad_id, spec, cpu)["eval/loss"]
+    assert metrics["eval/loss"] < 0.5 * before
+    assert metrics["eval/forgetting"] > 0 and metrics["train/drift_l2"] > 0
+
+    folder = Path(outcome.summary["model_dir"])
+    tokenizer = CausalLM().load_tokenizer(str(folder), None, False)
+    batch = data.validation.collate(np.arange(len(data.validation)), tokenizer.pad_token_id)
+    merged = task.load_model(str(folder), None, False).model.eval()
+    adapted = PeftModel.from_pretrained(base, folder / "adapter").eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(**inputs).logits, adapted(**inputs).logits, rtol=1e-4, atol=1e-4
+        )
+    assert greedy_answers(merged, tokenizer, batch, 8) == greedy_answers(
+        adapted, tokenizer, batch, 8
+    )

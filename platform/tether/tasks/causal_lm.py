@@ -405,6 +405,8 @@ def forward_last(model, ids, mask, position_ids, keep: int) -> torch.Tensor:
     import inspect
 
     inner = getattr(model, "module", model)  # DDP wraps; its forward passes kwargs on
+    if hasattr(inner, "get_base_model"):  # a peft model passes them on to its base too
+        inner = inner.get_base_model()
     cls = type(inner)
     if cls not in _KEEPS_LOGITS:
         _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
