@@ -52,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=256)
     p.add_argument("--lam", type=float, default=0.1, help="λ of the coupled arm")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--op-calls", type=int, default=9, help="isolated calls per anchor op")
+    p.add_argument(
+        "--op-only",
+        action="store_true",
+        help="only time the anchor ops, adding them to an existing --out JSON (its step times)",
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--out", type=Path)
@@ -164,6 +170,15 @@ def main(argv=None) -> int:
     from tether.config import validate_job
     from tether.run import prepare_run_data
 
+    if args.op_only:
+        import json
+
+        result = json.loads(args.out.read_text())
+        result["anchor_ops"] = anchor_op_times(args, result)
+        write_json(args.out, result)
+        for line in result["anchor_ops"]["lines"]:
+            print(line)
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="tether-llmtp-"))
     result: dict[str, Any] = {
         "machine": machine_info(threads=args.threads),
@@ -192,6 +207,7 @@ def main(argv=None) -> int:
                 )
                 write_json(args.out, result)
         result["summary"] = summarise(result["runs"])
+        result["anchor_ops"] = anchor_op_times(args, result)
         result["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
         write_json(args.out, result)
         for line in result["summary"]["lines"]:
@@ -199,6 +215,57 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def anchor_op_times(args, result: dict[str, Any]) -> dict[str, Any]:
+    """The anchor's own cost, timed alone on SmolLM2's 134.5M parameters (as the loop anchors
+    them), as a share of the λ = 0 step: end-to-end rounds drift by more than the op costs.
+
+    coupled: add_anchor_grad_ (grad += 2λ(θ − θ*)); decoupled: pull_toward_anchor_ (the
+    compensated pull). Medians over --op-calls calls after two unmeasured ones.
+    """
+    import torch
+
+    from tether.anchor import (
+        add_anchor_grad_,
+        anchored_parameters,
+        build_anchor,
+        pull_toward_anchor_,
+    )
+    from tether.models import resolve_model_source
+    from tether.tasks.causal_lm import CausalLM
+
+    torch.set_num_threads(args.threads)
+    loaded = CausalLM().load_model(
+        resolve_model_source("packaged:SmolLM2-135M-Instruct"), None, False
+    )
+    named = anchored_parameters(loaded.model, loaded.new_param_names)
+    for _, p in named:
+        p.grad = torch.randn_like(p) * 1e-3
+    lam0 = [r for r in result["runs"] if r["arm"] == "tether-lambda0"]
+    step_s = statistics.median(args.batch_size / r["samples_per_s"] for r in lam0)
+    out: dict[str, Any] = {"step_s_lambda0": step_s, "lines": []}
+    for mode in ("coupled", "decoupled"):
+        anchor = build_anchor(named, args.lam, mode)
+        times = []
+        for _ in range(args.op_calls + 2):
+            t0 = time.perf_counter()
+            if mode == "coupled":
+                add_anchor_grad_(anchor)
+            else:
+                pull_toward_anchor_(anchor, 5e-5)
+            times.append(time.perf_counter() - t0)
+        op_s = statistics.median(times[2:])
+        out[mode] = {"op_s": op_s, "share_of_step": op_s / step_s, "times_s": times}
+        target = 0.03 if mode == "coupled" else 0.02
+        verdict = "PASS" if op_s / step_s <= target else "FAIL"
+        out["lines"].append(
+            f"{mode} anchor op {op_s * 1000:.0f} ms = {100 * op_s / step_s:.1f}% of the λ=0 step "
+            f"({step_s:.2f} s, {args.batch_size} chats) (target <= {100 * target:.0f}%: {verdict})"
+        )
+        del anchor
+    out["load_avg_1m"] = os.getloadavg()[0]
+    return out
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

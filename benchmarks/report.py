@@ -404,7 +404,26 @@ def render_llm_throughput(d: dict[str, Any]) -> str:
             ],
         ],
     )
-    return f"{head}\n\n{table}\n\n{verdicts}"
+    ops = d.get("anchor_ops")
+    if not ops:
+        return f"{head}\n\n{table}\n\n{verdicts}"
+    spread = [r["tokens_per_s"] for r in runs if r["arm"] == "tether-lambda0"]
+    note = (
+        f"The end-to-end overhead above is within the run-to-run spread (λ=0 alone ranged "
+        f"{min(spread):.0f}–{max(spread):.0f} tokens/s), so the anchor's own cost is timed alone "
+        f"on SmolLM2's parameters (load average {fmt(ops.get('load_avg_1m'))}):"
+    )
+    op_rows = [
+        [
+            mode,
+            f"{1000 * ops[mode]['op_s']:.0f} ms",
+            f"{100 * ops[mode]['share_of_step']:.1f} % of a {ops['step_s_lambda0']:.2f} s step",
+        ]
+        for mode in ("coupled", "decoupled")
+        if mode in ops
+    ]
+    op_table = md_table(["anchor op", "time per step", "share of the λ=0 step"], op_rows)
+    return f"{head}\n\n{table}\n\n{verdicts}\n\n{note}\n\n{op_table}"
 
 
 def forgetting_arms(d: dict[str, Any]) -> dict[str, dict[str, tuple[float, float]]]:

@@ -106,3 +106,31 @@ def test_a_malformed_or_missing_registered_name_fails_before_training(stage1, ea
         run_training(
             validate_job(tracked_job("models:/nothing@champion", easy_csv, root, db, "none"))
         )
+
+
+def test_a_pinned_base_is_downloaded_once_and_again_only_when_the_store_changes(
+    stage1, easy_csv, monkeypatch
+):
+    """A second run from the same version reuses bases/stage1-v1; a base whose recorded run
+    is not the registry's (another store, a re-created model) is fetched again."""
+    import tether.registry as registry
+    from tether.run import pin_registered_base
+
+    root, db, _ = stage1
+    fetched = []
+    real = registry.fetch_model_dir
+    monkeypatch.setattr(
+        registry, "fetch_model_dir", lambda *a, **k: fetched.append(a) or real(*a, **k)
+    )
+    pin_registered_base(validate_job(tracked_job("models:/stage1/1", easy_csv, root, db, "a")))
+    fetched.clear()  # now it is there, whichever test put it there
+    spec = validate_job(tracked_job("models:/stage1@champion", easy_csv, root, db, "again"))
+    pin_registered_base(spec)
+    assert spec.model.name == "models:/stage1/1" and fetched == []
+    card_path = Path(spec.storage.path) / "bases" / "stage1-v1" / "tether.json"
+    card = json.loads(card_path.read_text())
+    card["registry"]["run_id"] = "another-store"
+    card_path.write_text(json.dumps(card))
+    pin_registered_base(validate_job(tracked_job("models:/stage1/1", easy_csv, root, db, "x")))
+    assert len(fetched) == 1
+    assert json.loads(card_path.read_text())["registry"]["run_id"] != "another-store"

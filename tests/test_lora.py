@@ -281,3 +281,22 @@ def test_a_lora_adapter_on_a_causal_lm_learns_anchored_and_merges_exactly(tiny_l
     assert greedy_answers(merged, tokenizer, batch, 8) == greedy_answers(
         adapted, tokenizer, batch, 8
     )
+
+
+def test_a_decoupled_lora_pull_below_fp32_rounding_is_carried_not_lost():
+    """At lr·λs² = 1e-9 each step's pull is far below the factors' rounding: the compensated
+    pull still moves them by the sum of the steps (an uncompensated one would not move)."""
+    lam, lr, steps = 1e-6, 1e-3, 400
+    pairs = random_pairs(3)
+    start = [
+        (p.a.detach().clone().double(), p.b.detach().clone().double(), p.scaling) for p in pairs
+    ]
+    anchor = LowRankAnchor(pairs, lam, "decoupled")
+    for _ in range(steps):
+        pull_toward_anchor_(anchor, lr)
+    for p, (a, b, s) in zip(pairs, start):
+        step = lr * lam * s * s
+        want_a = a - steps * step * (b.T @ b) @ a  # the pull is tiny: the factors barely change
+        moved = (a - p.a.detach().double()).abs().max()
+        assert moved > 0
+        torch.testing.assert_close(p.a.detach().double(), want_a, rtol=0, atol=float(moved) * 0.05)

@@ -403,7 +403,7 @@ def test_a_sweep_whose_registration_fails_still_finishes_and_says_why(
 
 
 def test_a_champion_is_rescored_on_this_jobs_columns_and_its_download_removed(
-    good_run, tiny_model_dir, easy_csv, store
+    good_run, tiny_model_dir, easy_csv, store, tmp_path, monkeypatch
 ):
     """Gating on other data re-scores the champion with the challenger job's columns (here the
     text sits in a 'sentence' column) and deletes the downloaded copy afterwards."""
@@ -420,7 +420,9 @@ def test_a_champion_is_rescored_on_this_jobs_columns_and_its_download_removed(
         job(tiny_model_dir, easy_csv, tmp, db)
         | {"data": {"train": str(renamed), "validation": str(renamed), "text_column": "sentence"}}
     )
-    downloads = set(Path(tempfile.gettempdir()).glob("tether-model-*"))
+    private = tmp_path / "tmp"  # downloads land here, apart from anything else's
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
     metrics = score_registered_model(spec, "models:/toy@champion", f"sqlite:///{db}")
     assert metrics["eval/accuracy"] == pytest.approx(good_run.summary["metrics"]["eval/accuracy"])
-    assert set(Path(tempfile.gettempdir()).glob("tether-model-*")) == downloads
+    assert list(private.glob("tether-model-*")) == []

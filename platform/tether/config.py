@@ -341,6 +341,18 @@ class JobSpec(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _adapters_freeze_the_base_themselves(self) -> JobSpec:
+        m = self.model
+        if m.adapter is not None and (m.freeze or m.freeze_layers or m.freeze_embeddings):
+            # peft freezes the whole base and adapts whatever target_modules names, frozen or
+            # not: a freeze setting would silently do nothing
+            raise ValueError(
+                "model.freeze/freeze_layers/freeze_embeddings: not with model.adapter, whose "
+                "base is frozen already; choose what adapts with model.adapter.target_modules"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with YAML keys (``lambda``, not ``lam``)."""
         return self.model_dump(mode="json", by_alias=True)

@@ -161,7 +161,8 @@ def export_alpha(folder: Path, model, tokenizer, alpha: float, metrics, out: Pat
     from tether.train.checkpoint import export_hf_model
 
     card = read_card(folder)
-    card["interpolation"] = {"alpha": alpha, "of": card.get("registry") or str(folder)}
+    # the source's registry identity describes the source, not this new model
+    card["interpolation"] = {"alpha": alpha, "of": card.pop("registry", None) or str(folder)}
     card["metrics"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
     job = yaml.safe_load((folder / "job.yaml").read_text())
     tmp = out.with_name(out.name + ".tmp")
@@ -216,6 +217,10 @@ def interpolate(
         "theta_star_sha256": read_card(folder).get("objective", {}).get("theta_star_sha256"),
         "run_dir": str(out_dir),
     }
+    if model_uri is not None:
+        from tether.registry import discard_download
+
+        discard_download(folder)
     if register:
         summary["registry"] = register_interpolated(spec, summary, data.fingerprint, files)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

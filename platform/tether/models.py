@@ -12,6 +12,8 @@ loading it from GGUF takes ~28 s on 2 cores, from the cached folder well under a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import importlib.util
 import os
@@ -144,6 +146,20 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
 # --------------------------------------------------------------------------- weights
 
 
+_NEW_HEADS: contextvars.ContextVar[bool] = contextvars.ContextVar("new_heads", default=False)
+
+
+@contextlib.contextmanager
+def new_heads_allowed():
+    """Within: loading a base whose head has another size makes a new head (a cascade onto
+    other labels). Outside, a size mismatch fails: a served or scored model must fit."""
+    token = _NEW_HEADS.set(True)
+    try:
+        yield
+    finally:
+        _NEW_HEADS.reset(token)
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -171,8 +187,9 @@ def load_pretrained(
             use_safetensors=True,
             dtype=torch.float32,
             output_loading_info=True,
-            # a head of another size (a cascade onto other labels) is made anew, and named
-            ignore_mismatched_sizes=bool(head_kwargs),
+            # a head of another size is made anew only for a training base (a cascade onto
+            # other labels); a finished model that does not fit its labels is an error
+            ignore_mismatched_sizes=bool(head_kwargs) and _NEW_HEADS.get(),
             **head_kwargs,
         )
     finally:

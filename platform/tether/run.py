@@ -95,7 +95,7 @@ def pin_registered_base(spec: JobSpec) -> None:
     from mlflow.exceptions import MlflowException
 
     from tether.config import resolve_tracking_uri
-    from tether.registry import discard_download, fetch_model_dir, resolve_version
+    from tether.registry import resolve_version
 
     uri = resolve_tracking_uri(spec.tracking.uri)
     try:
@@ -104,18 +104,35 @@ def pin_registered_base(spec: JobSpec) -> None:
         raise ModelSourceError(f"model.name: {name} is not in the registry at {uri} ({e})") from e
     pinned = f"{REGISTRY_PREFIX}{identity['name']}/{identity['version']}"
     target = Path(spec.storage.path) / "bases" / f"{identity['name']}-v{identity['version']}"
-    if not (target / "tether.json").is_file():
-        folder = fetch_model_dir(pinned, uri)
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(folder, tmp)
-        discard_download(folder)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+    cached = card_or_empty(target if (target / "tether.json").is_file() else None)
+    if cached.get("registry", {}).get("run_id") != identity["run_id"]:
+        # absent, or another store's (or a re-created model's) version of the same name
+        download_base(pinned, uri, target)
     if pinned != name:
         print(f"tether: model.name {name} is {pinned}", flush=True)
     spec.model.name = pinned
     registered_base_dir(pinned, spec.storage.path)  # fails here, naming it, if it is not there
+
+
+def download_base(model_uri: str, tracking_uri: str, target: Path) -> None:
+    """The registered model's folder at ``target``, replaced whole: copied into a private
+    folder beside it, then renamed (two drivers pinning the same base never mix copies)."""
+    import tempfile
+
+    from tether.registry import discard_download, fetch_model_dir
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = fetch_model_dir(model_uri, tracking_uri)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        shutil.copytree(folder, staging / "model")
+        old = staging / "old"
+        if target.exists():
+            target.rename(old)  # on the same filesystem: atomic
+        (staging / "model").rename(target)
+    finally:
+        discard_download(folder)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_cascade_labels(spec: JobSpec, source: str, labels: list[str]) -> None:
@@ -479,7 +496,13 @@ def export_checkpoint(spec: JobSpec, task: Task, checkpoint: Path, out_dir: Path
 
     source = resolve_model_source(spec.model.name, spec.storage.path)
     model, _ = build_model(spec, task, source)  # with its adapter, so the checkpoint fits
-    load_model(model, str(checkpoint / MODEL_FILE), strict=False)
+    missing, unexpected = load_model(model, str(checkpoint / MODEL_FILE), strict=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or [k for k in missing if k in trained]:
+        raise RuntimeError(
+            f"checkpoint {checkpoint} does not fit the job's model "
+            f"(unexpected {unexpected[:3]}, missing {[k for k in missing if k in trained][:3]})"
+        )
     tokenizer = task.load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code)
     state = read_state(checkpoint)
     card = model_card(spec.name, task.card(), task, state["anchor"], state["metrics"])

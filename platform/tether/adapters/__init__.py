@@ -35,10 +35,12 @@ def head_modules(model: torch.nn.Module, new_param_names: set[str]) -> list[str]
 
 def linear_targets(model: torch.nn.Module, exclude: list[str]) -> list[str]:
     """Every nn.Linear of the base except the head and the output embedding ("all-linear")."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is output:
+        if not isinstance(module, (torch.nn.Linear, Conv1D)) or module is output:
             continue
         if any(name == h or name.startswith(h + ".") for h in exclude):
             continue

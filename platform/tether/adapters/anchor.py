@@ -20,7 +20,7 @@ Pure torch, no peft: the caller hands over the factor pairs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +52,7 @@ class LowRankAnchor:
     lam: float
     mode: AnchorMode
     full: Anchor | None = None
+    residuals: list[torch.Tensor] = field(default_factory=list)  # decoupled: per factor
 
     @property
     def num_tensors(self) -> int:
@@ -59,8 +60,10 @@ class LowRankAnchor:
 
     @property
     def num_bytes(self) -> int:
-        """Memory the anchor holds: none for the adapted weights (θ* is the frozen W₀)."""
-        return self.full.num_bytes if self.full else 0
+        """Memory the anchor holds: no θ* for the adapted weights (it is the frozen W₀), the
+        factors' rounding residuals in decoupled mode, and the full anchor's share."""
+        own = sum(t.numel() * t.element_size() for t in self.residuals)
+        return own + (self.full.num_bytes if self.full else 0)
 
     @torch.no_grad()
     def add_grad_(self) -> None:
@@ -79,14 +82,24 @@ class LowRankAnchor:
     @torch.no_grad()
     def pull_(self, lr: float) -> None:
         """Decoupled: A ← A − lr·λs²(BᵀB)A and B ← B − lr·λs²B(AAᵀ), both from the factors
-        before the pull (one gradient step on (λ/2)‖s·B·A‖²); then the full anchor's pull."""
-        for pair in self.pairs:
+        before the pull (one gradient step on (λ/2)‖s·B·A‖²); then the full anchor's pull.
+
+        Like the full pull, compensated: a step below the factors' fp32 rounding (lr·λs² of
+        1e-8 is common) is carried to the next step instead of being lost (``residuals``).
+        """
+        if not self.residuals:
+            self.residuals = [torch.zeros_like(t) for p in self.pairs for t in (p.a, p.b)]
+        for i, pair in enumerate(self.pairs):
             a, b = pair.a.detach(), pair.b.detach()
             step = lr * self.lam * pair.scaling**2
-            new_a = a - step * ((b.T @ b) @ a)
-            new_b = b - step * (b @ (a @ a.T))
-            a.copy_(new_a)
-            b.copy_(new_b)
+            pulls = (step * ((b.T @ b) @ a), step * (b @ (a @ a.T)))  # from the old factors
+            for factor, pull, carried in zip(
+                (a, b), pulls, self.residuals[2 * i : 2 * i + 2], strict=True
+            ):
+                wanted = carried + pull
+                before = factor.clone()
+                factor.sub_(wanted)
+                carried.copy_(wanted - (before - factor))  # what rounding did not apply
         pull_toward_anchor_(self.full, lr)
 
     @torch.no_grad()

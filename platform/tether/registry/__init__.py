@@ -181,11 +181,11 @@ def promote_by_hand(client, name: str, alias: str, version: str) -> None:
     gate must not hand the alias back to the version the person just moved it away from.
     """
     client.get_model_version(name, version)  # a missing version fails here, naming it
-    set_alias(client, name, alias, version)
-    if alias == CHAMPION:
+    if alias == CHAMPION:  # first, so a gate settling meanwhile finds no candidate to restore
         for mv in client.search_model_versions(f"name='{name}'"):
             if str(mv.version) != str(version) and (mv.tags or {}).get(PROMOTABLE) == "true":
                 client.set_model_version_tag(name, str(mv.version), PROMOTABLE, "false")
+    set_alias(client, name, alias, version)
     client.set_model_version_tag(name, version, "tether.gate", f"promoted to {alias} by hand")
 
 

@@ -286,8 +286,10 @@ def report(
 
     net = strategy.unwrap(run.model)
     # DDP replicas must never diverge: compare the weights' hashes across ranks
-    digest = weights_hash(net.named_parameters())
-    if not strategy.replicas_agree(digest):
+    # only what trains can diverge (a LoRA run's frozen base cannot); one worker has no peer
+    trained = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    digest = weights_hash(trained) if strategy.world > 1 else None
+    if digest is not None and not strategy.replicas_agree(digest):
         raise RuntimeError(f"step {metrics['step']}: DDP replicas hold different weights")
     anchor_identity = {
         "base_model": spec.model.name,

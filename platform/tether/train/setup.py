@@ -17,7 +17,7 @@ from tether.adapters.anchor import LowRankAnchor
 from tether.anchor import Anchor, anchored_parameters, build_anchor, weights_hash
 from tether.config import JobSpec
 from tether.data import PreparedData, steps_per_epoch
-from tether.models import freeze_parameters, resolve_model_source
+from tether.models import freeze_parameters, new_heads_allowed, resolve_model_source
 from tether.tasks import Task
 from tether.train.checkpoint import load_training_state
 from tether.train.strategy import Strategy
@@ -126,7 +126,8 @@ def set_up(
 def build_model(spec: JobSpec, task: Task, source: str) -> tuple[torch.nn.Module, set[str]]:
     """The model as trained: the task's model on the base, frozen as asked, with its LoRA
     adapter when ``model.adapter`` is set; and the names of its new (head) parameters."""
-    loaded = task.load_model(source, spec.model.revision, spec.model.trust_remote_code)
+    with new_heads_allowed():
+        loaded = task.load_model(source, spec.model.revision, spec.model.trust_remote_code)
     model = loaded.model
     freeze_parameters(
         model, spec.model.freeze, spec.model.freeze_embeddings, spec.model.freeze_layers
