@@ -135,3 +135,34 @@ class CrashOnce:
         time.sleep(5)
         print(f"[tether] test crash: killing rank {rank}", flush=True)
         os._exit(1)
+
+
+def wait_until_healthy(proc, url: str, log: Path, timeout_s: float = 240.0) -> None:
+    """Poll a `tether serve` subprocess's /healthz until it answers 200; fail with the tail of
+    its log if it exits or takes longer than ``timeout_s``."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+
+
+def stop_server(proc) -> None:
+    """Ctrl-C a `tether serve` subprocess (it shuts Serve down), killing it if it hangs."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -12,7 +12,7 @@ import yaml
 
 from tether.submit import entrypoint, follow, read_token_file, submit
 
-from .helpers import free_port
+from .helpers import free_port, stop_server, wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -221,9 +221,7 @@ def test_a_replica_on_another_node_serves_the_pinned_registry_version(
     cluster: the replica runs on the worker node and loads v1 from the registry it was told
     (the store lies in no process's working directory, so a replica without the URI would open
     an empty ./mlflow.db there), and stays pinned to v1 when the alias moves."""
-    import signal
     import subprocess
-    import time
 
     import httpx
     from mlflow.tracking import MlflowClient
@@ -260,16 +258,7 @@ def test_a_replica_on_another_node_serves_the_pinned_registry_version(
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=elsewhere, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_until_healthy(proc, url, tmp_path / "serve.log")
         client.set_registered_model_alias("svc", "champion", "2")  # the alias moves on
         info = httpx.get(f"{url}/v1/model", timeout=30).json()
         assert (info["name"], info["version"], info["alias"]) == ("svc", "1", "champion")
@@ -285,9 +274,5 @@ def test_a_replica_on_another_node_serves_the_pinned_registry_version(
         assert replicas and {a.node_id for a in replicas} == {worker_node}
         assert not (elsewhere / "mlflow.db").exists()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()

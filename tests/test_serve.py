@@ -30,7 +30,7 @@ from tether.serving.deploy import (
     model_user_config,
 )
 
-from .helpers import free_port
+from .helpers import free_port, stop_server, wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "s3cret-test-key"
@@ -732,7 +732,6 @@ def test_throughput_optimized_serve_runs_its_cluster_in_that_mode(model_a, tmp_p
     Serve's high-throughput mode: answers equal plain transformers through the usual port, and
     the replica also serves HTTP itself (direct ingress), on loopback only."""
     import os
-    import signal
     import subprocess
 
     port = free_port()
@@ -743,16 +742,7 @@ def test_throughput_optimized_serve_runs_its_cluster_in_that_mode(model_a, tmp_p
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_until_healthy(proc, url, tmp_path / "serve.log")
         response = httpx.post(f"{url}/v1/predict", json={"texts": TEXTS}, timeout=60)
         assert response.status_code == 200, response.text
         expected = offline_predictions(model_a, TEXTS)
@@ -761,11 +751,7 @@ def test_throughput_optimized_serve_runs_its_cluster_in_that_mode(model_a, tmp_p
             assert probs == pytest.approx(reference["probs"], abs=1e-5)
         assert _direct_ingress_ports(), "no replica serves HTTP directly: the mode is off"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
 
 
