@@ -169,21 +169,24 @@ def render_throughput(d: dict[str, Any]) -> str:
     )
 
 
+def study_row(r: dict[str, Any]) -> list[str]:
+    """One arm at one n of a plain-vs-anchored study (SST-2 quality, NER low data)."""
+    plain = r["arm"] == "plain"
+    return [
+        str(r["n"]),
+        r["arm"],
+        f"{pct(r['mean'])} ± {pct(r['std'])}",
+        "–" if plain else f"{100 * r['delta_vs_plain_mean']:+.1f}",
+        "–" if plain else f"{r['seeds_better_than_plain']}/{len(r['seeds'])}",
+        fmt(r["selected_lambdas"]),
+        fmt(r["selected_lrs"]),
+        r["verdict"],
+    ]
+
+
 def render_quality(d: dict[str, Any]) -> str:
     s = d["settings"]
-    rows = [
-        [
-            str(r["n"]),
-            r["arm"],
-            f"{pct(r['mean'])} ± {pct(r['std'])}",
-            "–" if r["arm"] == "plain" else f"{100 * r['delta_vs_plain_mean']:+.1f}",
-            "–" if r["arm"] == "plain" else f"{r['seeds_better_than_plain']}/{len(r['seeds'])}",
-            fmt(r["selected_lambdas"]),
-            fmt(r["selected_lrs"]),
-            r["verdict"],
-        ]
-        for r in d.get("summary", [])
-    ]
+    rows = [study_row(r) for r in d.get("summary", [])]
     table = md_table(
         [
             "n",
@@ -282,19 +285,7 @@ def render_ner_lowdata(low: dict[str, Any], s: dict[str, Any]) -> str:
         f"{arm}: " + ", ".join(f"λ={fmt(lam)}/lr={fmt(lr)}" for lam, lr in g)
         for arm, g in s.get("grids", {}).items()
     )
-    rows = [
-        [
-            str(r["n"]),
-            r["arm"],
-            f"{pct(r['mean'])} ± {pct(r['std'])}",
-            "–" if r["arm"] == "plain" else f"{100 * r['delta_vs_plain_mean']:+.1f}",
-            "–" if r["arm"] == "plain" else f"{r['seeds_better_than_plain']}/{len(r['seeds'])}",
-            fmt(r["selected_lambdas"]),
-            fmt(r["selected_lrs"]),
-            r["verdict"],
-        ]
-        for r in low.get("summary", [])
-    ]
+    rows = [study_row(r) for r in low.get("summary", [])]
     table = md_table(
         ["n", "arm", "test F1 % (mean ± std)", "Δ vs plain (pts)", "seeds better"]
         + ["selected λ", "selected lr", "verdict"],
