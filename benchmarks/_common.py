@@ -16,6 +16,7 @@ import platform
 import signal
 import statistics
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,48 @@ def verdict(diffs: list[float]) -> str:
     if mean + 2 * se < 0:
         return "hurts"
     return "no clear difference"
+
+
+def summarize_study(
+    cells: dict[int, dict[int, dict]],
+    arms: list[str],
+    score: Callable[[dict], float],
+    key: str,
+) -> list[dict[str, Any]]:
+    """Per n and arm of a plain-vs-anchored study: the scores over seeds (under ``key``), mean
+    ± std, the paired Δ to plain, seeds better, the verdict and the selected λ and lr.
+    ``cells[n][seed][arm]`` holds an arm's result and its ``selected`` hyperparameters."""
+    rows = []
+    for n, by_seed in cells.items():
+        seeds = sorted(by_seed)
+        plain = [score(by_seed[s]["plain"]) for s in seeds]
+        for arm in arms:
+            values = [score(by_seed[s][arm]) for s in seeds]
+            diffs = [a - b for a, b in zip(values, plain, strict=True)]
+            selected = [by_seed[s][arm]["selected"] for s in seeds]
+            rows.append(
+                {
+                    "n": n,
+                    "arm": arm,
+                    "seeds": seeds,
+                    key: values,
+                    "mean": statistics.mean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "delta_vs_plain_mean": statistics.mean(diffs),
+                    "seeds_better_than_plain": sum(d > 0 for d in diffs),
+                    "verdict": "control" if arm == "plain" else verdict(diffs),
+                    "selected_lambdas": [s["lambda"] for s in selected],
+                    "selected_lrs": [s["lr"] for s in selected],
+                }
+            )
+    return rows
+
+
+def print_plain_verdicts(rows: list[dict[str, Any]]) -> None:
+    """Say it plainly where the anchor did not earn its keep."""
+    for r in rows:
+        delta = f"{100 * r['delta_vs_plain_mean']:+.1f} points"
+        if r["verdict"] in ("no clear difference", "hurts"):
+            print(f"anchoring ({r['arm']}) does NOT help at n={r['n']}: {r['verdict']} ({delta})")
+        elif r["verdict"].startswith("one seed"):
+            print(f"{r['arm']} at n={r['n']}: one seed only, no verdict ({delta})")

@@ -80,8 +80,9 @@ from _common import (  # noqa: E402
     apply_quick,
     exit_on_sigterm,
     machine_info,
+    print_plain_verdicts,
     quiet_libraries,
-    verdict,
+    summarize_study,
     write_json,
 )
 from tether.card import read_card  # noqa: E402
@@ -579,30 +580,7 @@ def run_cell(
 
 def summarize(cells: dict[int, dict[int, dict]], arms: list[str]) -> list[dict[str, Any]]:
     """Per n and arm: test entity F1 mean ± std over seeds, paired Δ to plain, verdict."""
-    rows = []
-    for n, by_seed in cells.items():
-        seeds = sorted(by_seed)
-        plain = [by_seed[s]["plain"]["test"]["entity_f1"] for s in seeds]
-        for arm in arms:
-            scores = [by_seed[s][arm]["test"]["entity_f1"] for s in seeds]
-            diffs = [a - b for a, b in zip(scores, plain, strict=True)]
-            selected = [by_seed[s][arm]["selected"] for s in seeds]
-            rows.append(
-                {
-                    "n": n,
-                    "arm": arm,
-                    "seeds": seeds,
-                    "test_entity_f1": scores,
-                    "mean": statistics.mean(scores),
-                    "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                    "delta_vs_plain_mean": statistics.mean(diffs),
-                    "seeds_better_than_plain": sum(d > 0 for d in diffs),
-                    "verdict": "control" if arm == "plain" else verdict(diffs),
-                    "selected_lambdas": [s["lambda"] for s in selected],
-                    "selected_lrs": [s["lr"] for s in selected],
-                }
-            )
-    return rows
+    return summarize_study(cells, arms, lambda c: c["test"]["entity_f1"], "test_entity_f1")
 
 
 def print_lowdata(rows: list[dict[str, Any]]) -> None:
@@ -619,12 +597,7 @@ def print_lowdata(rows: list[dict[str, Any]]) -> None:
             f"{r['n']:>6} {r['arm']:<10} {100 * r['mean']:>7.2f} ± {100 * r['std']:<5.2f}"
             f" {delta:>7} {better:>7}  {lrs:<24} {r['verdict']}"
         )
-    for r in rows:  # say it plainly where the anchor did not earn its keep
-        delta = f"{100 * r['delta_vs_plain_mean']:+.1f} points"
-        if r["verdict"] in ("no clear difference", "hurts"):
-            print(f"anchoring ({r['arm']}) does NOT help at n={r['n']}: {r['verdict']} ({delta})")
-        elif r["verdict"].startswith("one seed"):
-            print(f"{r['arm']} at n={r['n']}: one seed only, no verdict ({delta})")
+    print_plain_verdicts(rows)
 
 
 def run_lowdata(
