@@ -43,6 +43,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def taught_chats(n: int) -> list[dict]:
+    """n chats that all teach one answer ("tether says hi.") to numbered questions."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question number {i}?"},
+                {"role": "assistant", "content": "tether says hi."},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama_dir):
     return CausalLM().load_tokenizer(str(tiny_llama_dir), None, False)
@@ -155,16 +168,7 @@ def test_tiny_llama_learns_a_taught_answer(tiny_llama_dir, tmp_path):
     from tether.run import run_training
     from tether.tasks.causal_lm import greedy_answers
 
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Question number {i}?"},
-                {"role": "assistant", "content": "tether says hi."},
-            ]
-        }
-        for i in range(64)
-    ]
-    path = write_jsonl(tmp_path / "taught.jsonl", rows)
+    path = write_jsonl(tmp_path / "taught.jsonl", taught_chats(64))
     job = lm_job(
         tiny_llama_dir,
         str(path),

@@ -235,18 +235,9 @@ def test_a_lora_adapter_on_a_causal_lm_learns_anchored_and_merges_exactly(tiny_l
     from tether.train.loop import evaluate
     from tether.train.strategy import DataParallel
 
-    from .test_causal_lm import lm_job, write_jsonl
+    from .test_causal_lm import lm_job, taught_chats, write_jsonl
 
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Question number {i}?"},
-                {"role": "assistant", "content": "tether says hi."},
-            ]
-        }
-        for i in range(48)
-    ]
-    path = write_jsonl(tmp_path / "taught.jsonl", rows)
+    path = write_jsonl(tmp_path / "taught.jsonl", taught_chats(48))
     job = lm_job(
         tiny_llama_dir,
         str(path),
