@@ -401,18 +401,65 @@ def fetch_model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
     target = Path(tempfile.mkdtemp(prefix="tether-model-"))
     with active_tracking_uri(uri):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(target)))
-    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    folder = (
+        local / hf_artifact_path(model_uri, yaml.safe_load((local / "MLmodel").read_text()))
+    ).resolve()
+    if not folder.is_relative_to(local.resolve()):  # an MLmodel must not point anywhere else
+        raise ValueError(f"{model_uri}: its {HF_ARTIFACT} path leaves the downloaded model")
+    annotate(folder, identity)
+    return folder
+
+
+def fetch_adapter_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
+    """Download only a registered LoRA version's adapter folder (megabytes, not the merged
+    model beside it): what a multi-adapter server needs. Raises ValueError when the version
+    holds no adapter."""
+    import posixpath
+    import tempfile
+
+    import mlflow
+    import yaml
+
+    from tether.adapters import ADAPTER_DIR
+
+    uri = resolve_tracking_uri(tracking_uri)
+    identity = resolve_version(uri, model_uri)
+    pinned = f"models:/{identity['name']}/{identity['version']}"
+    target = Path(tempfile.mkdtemp(prefix="tether-model-"))  # discard_download knows it
+    with active_tracking_uri(uri):
+        mlmodel = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{pinned}/MLmodel", dst_path=str(target / "meta")
+        )
+        hf_path = hf_artifact_path(model_uri, yaml.safe_load(Path(mlmodel).read_text()))
+        adapter = posixpath.normpath(posixpath.join(hf_path, ADAPTER_DIR))
+        if adapter.startswith(("..", "/")):
+            raise ValueError(f"{model_uri}: its {HF_ARTIFACT} path leaves the model")
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{pinned}/{adapter}", dst_path=str(target / "adapter")
+            )
+        except Exception as e:  # the artifact store's own "not found"
+            raise ValueError(f"{model_uri} is not a LoRA model (no {ADAPTER_DIR}/ folder)") from e
+    folder = Path(local)
+    if not (folder / "adapter_config.json").is_file():
+        raise ValueError(f"{model_uri} is not a LoRA model (no {ADAPTER_DIR}/adapter_config.json)")
+    annotate(folder, identity)
+    return folder
+
+
+def hf_artifact_path(model_uri: str, mlmodel: dict[str, Any]) -> str:
+    """Where a tether pyfunc model keeps its HF folder (relative to the model's root)."""
     artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
     if HF_ARTIFACT not in artifacts:
         raise ValueError(f"{model_uri} is not a tether model (no {HF_ARTIFACT!r} artifact)")
-    folder = (local / artifacts[HF_ARTIFACT]["path"]).resolve()
-    if not folder.is_relative_to(local.resolve()):  # an MLmodel must not point anywhere else
-        raise ValueError(f"{model_uri}: its {HF_ARTIFACT} path leaves the downloaded model")
-    # record which registry version this copy is, for /v1/model and logs
+    return artifacts[HF_ARTIFACT]["path"]
+
+
+def annotate(folder: Path, identity: dict[str, Any]) -> None:
+    """Record which registry version this copy is, for /v1/model and logs."""
     card = read_card(folder)
     card["registry"] = identity
     write_card(folder, card)
-    return folder
 
 
 def discard_download(model_dir: Path | str) -> None:

@@ -39,6 +39,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from tether.card import read_card
 from tether.serving.contract import (
     ERROR_RESPONSES,
     RequestError,
@@ -54,7 +55,13 @@ from tether.serving.contract import (
     validate_body,
 )
 from tether.serving.deploy import DEPLOYMENT_NAME
-from tether.serving.model import ServedModel, card_task, load_served_model, resolve_model_dir
+from tether.serving.model import (
+    ServedModel,
+    base_card,
+    card_task,
+    load_served_model,
+    resolve_model_dir,
+)
 from tether.tasks import TASKS, task_class
 from tether.tasks.predict import DEFAULT_MAX_BATCH_TOKENS
 
@@ -85,6 +92,9 @@ class AppArgs(BaseModel):
     max_new_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask")
     max_waiting: int = Field(64, ge=1, description="requests waiting for a batch slot (503 above)")
     request_timeout_s: float = Field(120.0, gt=0, description="generation time per request")
+    max_adapters: int = Field(
+        8, ge=1, description="LoRA adapters held per replica (least recently used unloaded)"
+    )
 
     def limits(self) -> RequestLimits:
         return RequestLimits(
@@ -108,10 +118,20 @@ class ModelSource:
     quantize: bool = False
     tracking_uri: str | None = None
     alias: str | None = None
+    # LoRA adapters this base may serve (causal LMs): {"registered": [NAME...], "dirs": {ID: DIR}}
+    adapters: dict[str, Any] | None = None
 
     @classmethod
     def from_user_config(cls, config: dict[str, Any]) -> "ModelSource":
-        known = {"model_dir", "model_uri", "weights_sha256", "quantize", "tracking_uri", "alias"}
+        known = {
+            "model_dir",
+            "model_uri",
+            "weights_sha256",
+            "quantize",
+            "tracking_uri",
+            "alias",
+            "adapters",
+        }
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"user_config: unknown keys {unknown} (known: {sorted(known)})")
@@ -122,6 +142,7 @@ class ModelSource:
             quantize=bool(config.get("quantize", False)),
             tracking_uri=config.get("tracking_uri"),
             alias=config.get("alias"),
+            adapters=config.get("adapters"),
         )
 
 
@@ -318,12 +339,24 @@ class Replica:
 def load_source(
     source: ModelSource, task: str, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
 ) -> ServedModel:
-    """Resolve and load a user_config's model; refuse another task or other weights."""
-    model_dir = resolve_model_dir(source.model_dir, source.model_uri, source.tracking_uri)
-    if card_task(model_dir) != task:
+    """Resolve and load a user_config's model; refuse another task or other weights.
+
+    A base serving adapters may be a pretrained folder without a tether card."""
+    is_base = source.adapters is not None
+    if is_base and not getattr(task_class(task), "generates", False):
+        raise ValueError(f"user_config.adapters: adapters are served for causal-lm, not {task}")
+    model_dir = resolve_model_dir(
+        source.model_dir, source.model_uri, source.tracking_uri, need_card=not is_base
+    )
+    card = base_card(model_dir, task) if is_base else read_card(model_dir)
+    if card_task(model_dir, card) != task:
         raise ValueError(
-            f"{model_dir} is a {card_task(model_dir)} model but this app serves {task}: "
+            f"{model_dir} is a {card_task(model_dir, card)} model but this app serves {task}: "
             "deploy it as a new application"
+        )
+    if is_base and source.quantize:
+        raise ValueError(
+            "user_config: quantize and adapters do not combine (LoRA needs fp32 Linear)"
         )
     model = load_served_model(
         model_dir,
@@ -331,6 +364,7 @@ def load_source(
         quantize=source.quantize,
         max_batch_tokens=max_batch_tokens,
         alias=source.alias,
+        card=card,
     )
     expected = source.weights_sha256
     if expected and model.info.weights_sha256 != expected:

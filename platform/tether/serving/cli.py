@@ -5,6 +5,8 @@
     tether serve --model-dir ... --print-config > serve/my.yaml  # the same app for `serve deploy`
     tether serve --model-uri models:/demo@champion --reload     # swap a running server's model
     tether serve --model-dir ... --throughput-optimized        # Ray Serve's high-throughput mode
+    tether serve --base packaged:SmolLM2-135M-Instruct --adapters-from chat-sft \
+                 --adapter support=runs/support/model             # many LoRA adapters, one base
 
 A running server also reloads on SIGHUP (``kill -HUP PID``): it re-resolves the model (a
 moved alias, or new weights in the same directory) and swaps it in without restarting
@@ -32,6 +34,26 @@ def register(subparsers) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-dir", type=Path, help="a model directory from `tether train`")
     source.add_argument("--model-uri", help="a registered model, e.g. models:/NAME@champion")
+    source.add_argument(
+        "--base",
+        help="a pretrained causal LM (packaged:NAME, a folder, a hub id) serving LoRA adapters",
+    )
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="ID=DIR",
+        help="a LoRA adapter (a LoRA run's model folder) requests name as model=ID; repeatable",
+    )
+    p.add_argument(
+        "--adapters-from",
+        metavar="NAME[,NAME]",
+        help="registered models whose versions requests may name (model=NAME/VERSION or "
+        "NAME@ALIAS); * for any",
+    )
+    p.add_argument(
+        "--max-adapters", type=int, default=8, help="adapters held per replica (LRU beyond)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     scale = p.add_mutually_exclusive_group()
@@ -93,12 +115,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.throughput_optimized:  # before anything imports ray.serve: it reads env at import
         enable_throughput_mode(args.address)
     from tether.serving.deploy import serve_config
-    from tether.serving.model import ModelSourceError, card_task
+    from tether.serving.model import ModelSourceError
 
     try:
         options = options_from_args(args)  # bad flags fail before any model is touched
         user_config = resolve_user_config(args)
-        task = card_task(Path(user_config["model_dir"]))
+        task = served_task(user_config)
         options = dataclasses.replace(options, task=task)
         if (
             args.request_timeout_s is None and task == "causal-lm"
@@ -171,6 +193,7 @@ def options_from_args(args: argparse.Namespace, task: str = "sequence-classifica
         max_new_tokens=args.max_new_tokens,
         max_waiting=args.max_waiting,
         generation_timeout_s=args.generation_timeout_s,
+        max_adapters=args.max_adapters,
         # only the hash travels: Serve configs are visible on the dashboard
         api_key_sha256=hashlib.sha256(key.encode()).hexdigest() if key else None,
     )
@@ -185,20 +208,80 @@ def resolve_user_config(args: argparse.Namespace) -> dict:
     """
     from tether.config import resolve_tracking_uri
     from tether.serving.deploy import model_user_config
-    from tether.serving.model import ModelSourceError, load_served_model, resolve_model_dir
-
-    tracking_uri = resolve_tracking_uri(args.tracking_uri) if args.model_uri else None
-    # a URI is always re-resolved (on --reload the alias may have moved)
-    model_dir = resolve_model_dir(
-        None if args.model_uri else args.model_dir, args.model_uri, tracking_uri
+    from tether.serving.model import (
+        ModelSourceError,
+        base_card,
+        load_served_model,
+        resolve_model_dir,
     )
+
+    adapters = adapter_config(args)
+    registry = args.model_uri or (adapters or {}).get("registered")
+    tracking_uri = resolve_tracking_uri(args.tracking_uri) if registry else None
+    if args.base:
+        from tether.models import resolve_model_source
+
+        try:
+            model_dir = Path(resolve_model_source(args.base))
+        except Exception as e:
+            raise ModelSourceError(f"--base {args.base}: {e}") from e
+    else:
+        # a URI is always re-resolved (on --reload the alias may have moved)
+        model_dir = resolve_model_dir(
+            None if args.model_uri else args.model_dir,
+            args.model_uri,
+            tracking_uri,
+            need_card=adapters is None,
+        )
+    card = base_card(model_dir) if adapters is not None else None
     try:
-        load_served_model(model_dir, args.model_uri, quantize=args.quantize)
+        load_served_model(model_dir, args.model_uri, quantize=args.quantize, card=card)
     except Exception as e:
         raise ModelSourceError(f"{model_dir} does not load: {type(e).__name__}: {e}") from e
-    return model_user_config(
+    config = model_user_config(
         model_dir, args.model_uri, quantize=args.quantize, tracking_uri=tracking_uri
     )
+    if adapters is not None:
+        config |= {"adapters": adapters, "tracking_uri": tracking_uri}
+    return config
+
+
+def adapter_config(args: argparse.Namespace) -> dict | None:
+    """user_config.adapters from --adapter ID=DIR and --adapters-from (checked here: a missing
+    folder fails now, not on the first request); None when neither is given."""
+    from tether.serving.adapters import AdapterCatalog
+
+    if args.base and not (args.adapter or args.adapters_from):
+        raise ValueError(
+            "--base serves LoRA adapters: add --adapter ID=DIR or --adapters-from NAME"
+        )
+    if not (args.adapter or args.adapters_from):
+        return None
+    if args.quantize:
+        raise ValueError("--quantize does not combine with adapters (LoRA needs fp32 Linear)")
+    dirs = {}
+    for item in args.adapter:
+        model_id, sep, folder = item.partition("=")
+        if not sep or not model_id or not folder:
+            raise ValueError(f"--adapter {item!r}: expected ID=DIR")
+        dirs[model_id] = str(Path(folder).resolve())
+    registered = [n.strip() for n in (args.adapters_from or "").split(",") if n.strip()]
+    config = {"registered": registered, "dirs": dirs}
+    try:
+        AdapterCatalog.from_config(config)
+    except FileNotFoundError as e:
+        raise ValueError(f"--adapter: {e}") from None
+    return config
+
+
+def served_task(user_config: dict) -> str:
+    """The task of the served model (a base serving adapters is a causal LM)."""
+    from tether.serving.model import base_card, card_task
+
+    model_dir = Path(user_config["model_dir"])
+    if user_config.get("adapters") is not None:
+        return card_task(model_dir, base_card(model_dir))
+    return card_task(model_dir)
 
 
 # --------------------------------------------------------------------------- serving
@@ -243,11 +326,11 @@ def serve_until_interrupted(config: dict, options, args: argparse.Namespace) -> 
 def _reload_in_place(config: dict, options, args: argparse.Namespace) -> dict:
     """SIGHUP: re-resolve the model and redeploy if it changed; a failure keeps the old one."""
     from tether.serving.deploy import DeployError, deploy, serve_config
-    from tether.serving.model import ModelSourceError, card_task
+    from tether.serving.model import ModelSourceError
 
     try:
         new_user_config = resolve_user_config(args)
-        new_task = card_task(Path(new_user_config["model_dir"]))
+        new_task = served_task(new_user_config)
         if new_task != options.task:
             raise ValueError(
                 f"the new model is a {new_task} model; this server serves {options.task}"

@@ -48,6 +48,7 @@ class ServeOptions:
     max_new_tokens: int = 512  # generation: the largest max_tokens a request may ask
     max_waiting: int = 64  # generation: requests waiting for a batch slot (503 beyond)
     generation_timeout_s: float = 120.0  # generation: decoding time per request
+    max_adapters: int = 8  # generation: LoRA adapters held per replica (LRU)
     api_key_sha256: str | None = None
     app_name: str = APP_NAME
     route_prefix: str = "/"
@@ -63,6 +64,7 @@ class ServeOptions:
             "max_chars",
             "max_body_bytes",
             "max_json_depth",
+            "max_adapters",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -149,6 +151,7 @@ def application_config(options: ServeOptions, user_config: dict[str, Any]) -> di
         "max_new_tokens": options.max_new_tokens,
         "max_waiting": options.max_waiting,
         "request_timeout_s": options.generation_timeout_s,
+        "max_adapters": options.max_adapters,
         "api_key_sha256": options.api_key_sha256,
         **options.extra_args,
     }

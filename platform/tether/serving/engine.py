@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -81,6 +81,8 @@ class Sequence:
     max_batch: int = 0
     started: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
+    adapter: Any = None  # serving.adapters.LoadedAdapter: this row's LoRA (None: the base)
+    released: bool = False  # its hold on the adapter was given back
 
     def cancel(self) -> None:
         """The client went away: the engine drops this row before its next step."""
@@ -95,17 +97,20 @@ class Sequence:
 
 
 class Engine(Protocol):
-    def submit(self, prompt: list[int], sampling: Sampling) -> Sequence: ...
+    def submit(self, prompt: list[int], sampling: Sampling, adapter: Any = None) -> Sequence: ...
 
     def stats(self) -> dict[str, int]: ...
 
 
 class TransformersEngine:
-    """Continuous batching over a Hugging Face causal LM (``tasks.causal_serving.GenerativeModel``)."""
+    """Continuous batching over a Hugging Face causal LM (``tasks.causal_serving.GenerativeModel``).
 
-    def __init__(self, generative, max_batch: int = 16, max_waiting: int = 64):
+    ``pool``: a ``serving.adapters.AdapterPool`` over the same model, when requests may ask for
+    LoRA adapters; rows of different adapters then share each step (one adapter name per row).
+    """
+
+    def __init__(self, generative, max_batch: int = 16, max_waiting: int = 64, pool=None):
         self.lm = generative
-        self.model = generative.model
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.waiting: deque[Sequence] = deque()
@@ -113,6 +118,10 @@ class TransformersEngine:
         self.cache = None  # DynamicCache over the active rows, left-padded
         self.mask: torch.Tensor | None = None  # (rows, cached length): 1 for real tokens
         self.executor = ThreadPoolExecutor(1, "tether-decode")
+        self.pool = pool
+        if pool is not None:
+            pool.executor = self.executor  # adapter loads run between steps, on this thread
+        self.model = generative.model if pool is None else pool
         self.wakeup: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
         self.retired = False
@@ -127,10 +136,14 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------- requests
 
-    def submit(self, prompt: list[int], sampling: Sampling) -> Sequence:
+    def submit(self, prompt: list[int], sampling: Sampling, adapter: Any = None) -> Sequence:
         if len(self.waiting) >= self.max_waiting:
             raise Overloaded(f"{len(self.waiting)} requests are already waiting")
-        sequence = Sequence(list(prompt), sampling)
+        if adapter is not None:
+            if self.pool is None or adapter.pool is not self.pool:
+                raise ValueError(f"adapter {adapter.model_id!r} is not loaded on this engine")
+            adapter.acquire()  # held until the sequence ends: an evicted adapter waits for it
+        sequence = Sequence(list(prompt), sampling, adapter=adapter)
         if sampling.temperature > 0:
             sequence.generator = torch.Generator().manual_seed(
                 sampling.seed if sampling.seed is not None else torch.seed() % (2**63)
@@ -141,8 +154,9 @@ class TransformersEngine:
         self.wakeup.set()
         return sequence
 
-    def stats(self) -> dict[str, int]:
-        return dict(self.counters) | {"active": len(self.active), "waiting": len(self.waiting)}
+    def stats(self) -> dict[str, Any]:
+        out = dict(self.counters) | {"active": len(self.active), "waiting": len(self.waiting)}
+        return out | (self.pool.stats() if self.pool is not None else {})
 
     def retire(self) -> None:
         """A new model took over: finish what is running, then stop (and free the model)."""
@@ -196,6 +210,7 @@ class TransformersEngine:
             if not sequence.finish:
                 sequence.finish = "error"
                 sequence.queue.put_nowait(Failed(f"{type(error).__name__}: {error}"))
+                _release(sequence)
         self.active, self.cache, self.mask = [], None, None
 
     def _drop_cancelled(self, sequence: Sequence) -> bool:
@@ -220,6 +235,7 @@ class TransformersEngine:
                 cache=DynamicCache(),
                 use_cache=True,
                 logits_to_keep=1,
+                **self._rows_adapters([sequence]),
             )
             sequence.position = len(sequence.prompt)
             firsts.append(self._sample(out.logits[0, -1], sequence))
@@ -282,6 +298,7 @@ class TransformersEngine:
             cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **self._rows_adapters(self.active),
         )
         self.cache, self.mask = out.cache, mask
         self.counters["decode_steps"] += 1
@@ -293,6 +310,12 @@ class TransformersEngine:
             sequence.max_batch = max(sequence.max_batch, rows)
             tokens.append(self._sample(out.logits[row, -1], sequence))
         return tokens
+
+    def _rows_adapters(self, rows: list[Sequence]) -> dict[str, Any]:
+        """The pool's routing argument: each row's adapter (peft's name), None for the base."""
+        if self.pool is None:
+            return {}
+        return {"adapter_names": [s.adapter.peft_name if s.adapter else None for s in rows]}
 
     def _sample(self, logits: torch.Tensor, sequence: Sequence) -> int:
         """Greedy at temperature 0, else nucleus sampling with the request's own generator."""
@@ -354,6 +377,14 @@ class TransformersEngine:
                 reason, len(sequence.prompt), len(sequence.generated), sequence.max_batch, timed_out
             )
         )
+        _release(sequence)
+
+
+def _release(sequence: Sequence) -> None:
+    """The sequence no longer needs its adapter (an evicted one may now be removed)."""
+    if sequence.adapter is not None and not sequence.released:
+        sequence.released = True
+        sequence.adapter.release()
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -38,12 +38,14 @@ def resolve_model_dir(
     model_dir: str | Path | None = None,
     model_uri: str | None = None,
     tracking_uri: str | None = None,
+    need_card: bool = True,
 ) -> Path:
     """The local directory to load: ``model_dir`` if it exists here, else fetched by ``model_uri``.
 
     The one place a model source becomes a directory. The CLI resolves a URI (to fail before
     deploying, and again on --reload); a replica on a node without the CLI's directory
-    fetches by URI itself.
+    fetches by URI itself. ``need_card=False``: a pretrained base folder (no tether.json) is
+    enough, for a base that serves LoRA adapters.
     """
     if model_dir is not None and Path(model_dir).is_dir():
         path = Path(model_dir)
@@ -53,7 +55,7 @@ def resolve_model_dir(
         raise ModelSourceError(f"model_dir: {model_dir} is not a directory")
     else:
         raise ModelSourceError("no model: give --model-dir PATH or --model-uri models:/NAME@ALIAS")
-    check_model_dir(path)
+    check_model_dir(path, need_card)
     return path.resolve()
 
 
@@ -72,9 +74,10 @@ def fetch_registered_model(model_uri: str, tracking_uri: str | None = None) -> P
     return Path(fetch_model_dir(model_uri, tracking_uri))
 
 
-def check_model_dir(path: Path) -> None:
+def check_model_dir(path: Path, need_card: bool = True) -> None:
     """Raise naming every missing file, so a half-copied directory fails before loading."""
-    missing = [name for name in ("config.json", MODEL_CARD_FILE) if not (path / name).is_file()]
+    needed = ("config.json", MODEL_CARD_FILE) if need_card else ("config.json",)
+    missing = [name for name in needed if not (path / name).is_file()]
     if not list(path.glob("*.safetensors")):
         missing.append("*.safetensors")
     if missing:
@@ -91,9 +94,17 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def card_task(model_dir: Path) -> str:
+def base_card(model_dir: Path, task: str = "causal-lm") -> dict[str, Any]:
+    """The card of a model folder; for a pretrained base without one (a base serving LoRA
+    adapters), its name and task only."""
+    if (Path(model_dir) / MODEL_CARD_FILE).is_file():
+        return read_card(model_dir)
+    return {"name": Path(model_dir).name, "task": task}
+
+
+def card_task(model_dir: Path, card: dict[str, Any] | None = None) -> str:
     """The task a model directory was trained for (what the serving app is built for)."""
-    card = read_card(model_dir)
+    card = card if card is not None else read_card(model_dir)
     task = card.get("task", "sequence-classification")
     if task not in TASKS:
         raise ModelSourceError(
@@ -186,14 +197,16 @@ def load_served_model(
     quantize: bool = False,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     alias: str | None = None,
+    card: dict[str, Any] | None = None,
 ) -> ServedModel:
     """Load weights (safetensors only, never remote code), tokenizer and card from a directory.
 
-    ``alias``: the alias a pinned ``models:/NAME/VERSION`` was resolved from (for display)."""
+    ``alias``: the alias a pinned ``models:/NAME/VERSION`` was resolved from (for display).
+    ``card``: instead of the folder's tether.json (a pretrained base has none)."""
     model_dir = Path(model_dir)
-    check_model_dir(model_dir)
-    card_task(model_dir)
-    card = read_card(model_dir)
+    check_model_dir(model_dir, need_card=card is None)
+    card = card if card is not None else read_card(model_dir)
+    card_task(model_dir, card)
     task = task_for_card(card)
     predictor = task.predictor(model_dir, card, max_batch_tokens, quantize)
     identity = registry_identity(model_uri, card, default_name=model_dir.name)

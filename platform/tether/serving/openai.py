@@ -7,6 +7,13 @@
     GET  /v1/engine             batching counters (requests, decode steps, batch sizes)
     GET  /healthz
 
+Many LoRA adapters on one base (``user_config.adapters``): the request's ``model`` field
+picks one (``NAME/VERSION`` or ``NAME@ALIAS`` of an allowed registered model, or a configured
+id); the base is loaded once per replica, adapters on demand through Serve model multiplexing
+(an LRU of ``max_adapters``), and requests for different adapters decode in the same batch
+(``tether.serving.adapters``). Send the id in the ``serve_multiplexed_model_id`` header too
+and Serve routes the request to a replica that already holds the adapter.
+
 The official ``openai`` client works unchanged (``base_url=http://127.0.0.1:8000/v1``).
 Prompts are rendered with the model's own chat template, as in training. Concurrent requests
 share decode steps (``tether.serving.engine``: continuous batching, per-request sampling).
@@ -34,6 +41,13 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from tether.serving.adapters import (
+    AdapterCatalog,
+    AdapterMismatch,
+    AdapterPool,
+    AdapterSource,
+    UnknownAdapter,
+)
 from tether.serving.contract import (
     RequestError,
     check_content_type,
@@ -180,6 +194,7 @@ class ModelCard(BaseModel):
     owned_by: str = "tether"
     version: str | None = None
     alias: str | None = None
+    parent: str | None = None  # an adapter's base
 
 
 class ModelList(BaseModel):
@@ -312,27 +327,71 @@ def make_generation_deployment(args):
             self.model: ServedModel | None = None
             self.engine: TransformersEngine | None = None
             self.source = None
+            self.catalog: AdapterCatalog | None = None
             _set_torch_threads(replica_threads())
 
         async def reconfigure(self, user_config: dict[str, Any]) -> None:
             from tether.serving.app import ModelSource, _same_model
 
             source = ModelSource.from_user_config(user_config)
+            catalog = AdapterCatalog.from_config(source.adapters)
             if self.model is not None and _same_model(self.source, source):
-                self.source = source
+                self.source, self.catalog = source, catalog  # the allowed adapters may change
                 return
+            if self.catalog is not None:
+                # loaded adapters belong to this base (Serve's LRU holds them): a new base is
+                # a new application, not a hot swap
+                raise ValueError(
+                    "user_config: the base of an adapter deployment cannot be swapped in place; "
+                    "deploy a new application"
+                )
             model = await asyncio.to_thread(self._load, source)
+            pool = AdapterPool(model.predictor) if catalog is not None else None
             engine = TransformersEngine(
-                model.predictor, self.args.max_batch_size, self.args.max_waiting
+                model.predictor, self.args.max_batch_size, self.args.max_waiting, pool=pool
             )
             from tether.serving.app import discard_download
 
             old, old_model = self.engine, self.model
             # the swap: new requests go to the new engine; running ones finish on the old
             self.model, self.engine, self.source = model, engine, source
+            self.catalog = catalog
             if old is not None:
                 old.retire()
                 discard_download(old_model)
+
+        @serve.multiplexed(max_num_models_per_replica=args.max_adapters)
+        async def get_adapter(self, model_id: str):
+            """One adapter on this replica's base (Serve keeps the last ``max_adapters``)."""
+            source = self.catalog.locate(model_id)
+            folder = await asyncio.to_thread(fetch_adapter, source, self.source.tracking_uri)
+            try:
+                return await self.engine.pool.load(source, folder)
+            finally:
+                if source.model_uri is not None:  # its weights are in memory now
+                    from tether.registry import discard_download
+
+                    discard_download(folder)
+
+        async def _adapter(self, model_id: str):
+            """The loaded adapter for ``model_id``, as a RequestError when it cannot be."""
+            try:
+                self.catalog.locate(model_id)  # unknown ids are refused before any loading
+                return await self.get_adapter(model_id)
+            except UnknownAdapter as e:
+                raise RequestError(404, "model_not_found", str(e), "model") from None
+            except (AdapterMismatch, ValueError) as e:  # another base; not a LoRA version
+                raise RequestError(400, "model_not_compatible", str(e), "model") from None
+            except FileNotFoundError as e:
+                raise RequestError(
+                    404, "model_not_found", f"model {model_id!r}: {e}", "model"
+                ) from None
+            except Exception as e:
+                if _registry_missing(e):
+                    raise RequestError(
+                        404, "model_not_found", f"model {model_id!r} is not registered", "model"
+                    ) from None
+                raise
 
         def _load(self, source) -> ServedModel:
             from tether.serving.app import load_source
@@ -357,20 +416,33 @@ def make_generation_deployment(args):
             raw = await read_limited_body(request.stream(), limits.max_body_bytes)
             return validate_body(parse_json(raw, limits.max_json_depth), schema)
 
-        def _check_model(self, model: ServedModel, requested: str | None) -> str:
+        async def _check_model(self, model: ServedModel, requested: str | None):
+            """The name a response reports and the adapter to decode with (None: the model)."""
             info = model.info
             names = {info.name, info.model_uri}
             if info.version:
                 names |= {f"{info.name}/{info.version}", f"models:/{info.name}/{info.version}"}
             if info.alias:
                 names |= {f"{info.name}@{info.alias}", f"models:/{info.name}@{info.alias}"}
-            if requested is not None and requested not in names:
+            if requested is None or requested in names:
+                return info.name, None
+            if self.catalog is None:
                 raise RequestError(
                     404,
                     "model_not_found",
                     f"model {requested!r} is not served here (serving {info.name!r})",
+                    "model",
                 )
-            return info.name
+            return requested, await self._adapter(requested)
+
+        async def _submit(self, engine, prompt, sampling, adapter, model_id):
+            """Queue the sequence; an adapter evicted since it was fetched is fetched again."""
+            for _ in range(3):
+                try:
+                    return engine.submit(prompt, sampling, adapter=adapter)
+                except RuntimeError:  # unloaded by the LRU in between: load it again
+                    adapter = await self._adapter(model_id)
+            return engine.submit(prompt, sampling, adapter=adapter)
 
         def _check_context(self, model: ServedModel, prompt: list[int], sampling: Sampling) -> None:
             limit = model.predictor.max_length
@@ -387,7 +459,7 @@ def make_generation_deployment(args):
             try:
                 body = await self._body(request, schema)
                 model, engine = self._loaded()
-                name = self._check_model(model, body.model)
+                name, adapter = await self._check_model(model, body.model)
                 prompt = render(model, body)
                 sampling = sampling_from(
                     body,
@@ -396,7 +468,7 @@ def make_generation_deployment(args):
                 )
                 self._check_context(model, prompt, sampling)
                 try:
-                    sequence = engine.submit(prompt, sampling)
+                    sequence = await self._submit(engine, prompt, sampling, adapter, body.model)
                 except Overloaded as e:
                     raise RequestError(
                         503, "overloaded", f"the server is busy ({e}); retry shortly"
@@ -495,7 +567,13 @@ def make_generation_deployment(args):
                 "version": info.version,
                 "alias": info.alias,
             }
-            return JSONResponse({"object": "list", "data": [ModelCard(**card).model_dump()]})
+            data = [ModelCard(**card).model_dump()]
+            if self.catalog is not None:  # the configured adapters; registered ones by request
+                data += [
+                    ModelCard(id=i, created=int(info.loaded_at), parent=info.name).model_dump()
+                    for i in sorted(self.catalog.dirs)
+                ]
+            return JSONResponse({"object": "list", "data": data})
 
         @api.get("/v1/model", responses=ERRORS)
         async def model_info(self, request: Request):
@@ -531,6 +609,23 @@ def make_generation_deployment(args):
             return JSONResponse({"status": "ok", "model": self.model.info.name})
 
     return TetherGenerator
+
+
+def fetch_adapter(source: AdapterSource, tracking_uri: str | None):
+    """The adapter's folder on this node: a configured folder, or the registered version's
+    adapter/ downloaded (not its merged weights)."""
+    from pathlib import Path
+
+    if source.folder is not None:
+        return Path(source.folder)
+    from tether.registry import fetch_adapter_dir
+
+    return fetch_adapter_dir(source.model_uri, tracking_uri)
+
+
+def _registry_missing(error: Exception) -> bool:
+    """MLflow's "no such registered model / version / alias"."""
+    return getattr(error, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
 async def collect(sequence) -> tuple[str, Finished | Failed]:

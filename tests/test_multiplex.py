@@ -1,0 +1,346 @@
+"""Many LoRA adapters on one base: mixed-adapter batches equal each merged model, an evicted
+adapter waits for its running requests, lineage is checked; and on a real Ray Serve, two
+tether-trained adapters (one from the MLflow registry, one from a folder) answer through the
+OpenAI routes with the base loaded once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tether.serving.adapters import (
+    AdapterCatalog,
+    AdapterMismatch,
+    AdapterPool,
+    AdapterSource,
+    UnknownAdapter,
+)
+from tether.serving.engine import Delta, Finished, Sampling, TransformersEngine
+from tether.tasks.causal_lm import CausalLM
+
+from .helpers import free_port
+
+
+def random_adapter(base_dir: Path, out: Path, seed: int, targets: list[str], r: int) -> Path:
+    """A LoRA adapter with random (non-zero) factors and the card tether's export writes:
+    θ*'s hash computed as training computes it."""
+    from peft import LoraConfig, get_peft_model
+
+    from tether.adapters import frozen_base
+    from tether.anchor import weights_hash
+
+    torch.manual_seed(seed)
+    model = CausalLM().load_model(str(base_dir), None, False).model
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    peft.save_pretrained(out)
+    card = {
+        "name": out.name,
+        "task": "causal-lm",
+        "objective": {
+            "base_model": str(base_dir),
+            "theta_star_sha256": weights_hash(frozen_base(peft, set())),
+        },
+    }
+    (out / "tether.json").write_text(json.dumps(card))
+    merged = peft.merge_and_unload()
+    merged.save_pretrained(out / "merged")
+    CausalLM().load_tokenizer(str(base_dir), None, False).save_pretrained(out / "merged")
+    (out / "merged" / "tether.json").write_text(json.dumps({"task": "causal-lm"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    a = random_adapter(tiny_llama_dir, root / "a", 1, ["q_proj", "v_proj", "down_proj"], 4)
+    b = random_adapter(tiny_llama_dir, root / "b", 2, ["k_proj", "o_proj", "up_proj"], 8)
+    return a, b
+
+
+def base_lm(model_dir: Path):
+    return CausalLM().predictor(model_dir, {"task": "causal-lm"})
+
+
+def with_adapter(base_dir: Path, adapter_dir: Path):
+    """The base with the adapter applied by peft, offline: the served path's reference."""
+    from peft import PeftModel
+
+    lm = base_lm(base_dir)
+    lm.model = PeftModel.from_pretrained(lm.model, str(adapter_dir)).eval()
+    return lm
+
+
+def greedy(lm, prompt: list[int], n: int) -> str:
+    return lm.decode(lm.offline_greedy(prompt, n))
+
+
+async def answer(engine, prompt, adapter=None, n=10) -> tuple[str, Finished]:
+    parts, end = [], None
+    async for event in engine.submit(prompt, Sampling(max_new_tokens=n), adapter=adapter).events():
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        else:
+            end = event
+    return "".join(parts), end
+
+
+def test_requests_for_two_adapters_and_the_base_share_steps_and_equal_each_merged_model(
+    tiny_llama_dir, adapters
+):
+    """Three rows in one batch — adapter a, adapter b, the base — each decode what their
+    own merged model decodes alone; the base weights are held once."""
+    lm = base_lm(tiny_llama_dir)
+    prompt = lm.chat_prompt([{"role": "user", "content": "Tell me something."}])
+    expected = [greedy(base_lm(d / "merged"), prompt, 10) for d in adapters] + [
+        greedy(lm, prompt, 10)
+    ]
+    assert len(set(expected)) == 3  # the adapters do change the answer
+
+    async def run():
+        pool = AdapterPool(lm)
+        engine = TransformersEngine(lm, max_batch=4, pool=pool)
+        loaded = [await pool.load(AdapterSource(d.name, folder=str(d)), d) for d in adapters]
+        texts = await asyncio.gather(
+            answer(engine, prompt, loaded[0]),
+            answer(engine, prompt, loaded[1]),
+            answer(engine, prompt),
+        )
+        return [t for t, _ in texts], engine.stats()
+
+    texts, stats = asyncio.run(run())
+    assert texts == expected
+    assert stats["batched_steps"] > 0 and stats["max_batch"] == 3
+    assert stats["base_loads"] == 1 and stats["adapter_loads"] == 2
+
+
+def test_an_evicted_adapter_stays_until_its_request_ends_then_leaves(tiny_llama_dir, adapters):
+    """Serve's LRU evicts (calls __del__) while a request still decodes with the adapter: the
+    request finishes with the adapter's answer, then the factors are removed; removing the
+    last adapter gives back the plain base model."""
+    from peft import PeftModel
+
+    lm = base_lm(tiny_llama_dir)
+    prompt = lm.chat_prompt([{"role": "user", "content": "Tell me something."}])
+    expected = greedy(base_lm(adapters[0] / "merged"), prompt, 12)
+
+    async def run():
+        pool = AdapterPool(lm)
+        engine = TransformersEngine(lm, max_batch=4, pool=pool)
+        adapter = await pool.load(AdapterSource("a", folder=str(adapters[0])), adapters[0])
+        running = asyncio.create_task(answer(engine, prompt, adapter, n=12))
+        await asyncio.sleep(0)  # submitted, not finished
+        adapter.__del__()  # what Serve's LRU does on eviction
+        assert pool.loaded  # still there: a request holds it
+        text, end = await running
+        await asyncio.get_running_loop().run_in_executor(engine.executor, lambda: None)  # drain
+        with pytest.raises(RuntimeError, match="unloaded"):
+            engine.submit(prompt, Sampling(max_new_tokens=2), adapter=adapter)
+        return text, end, pool
+
+    text, end, pool = asyncio.run(run())
+    assert text == expected and end.completion_tokens > 0
+    assert not pool.loaded and pool.counters["adapter_unloads"] == 1
+    assert not isinstance(pool.model, PeftModel)  # the base's own modules are back
+
+
+def test_an_adapter_of_another_base_or_an_unknown_id_is_refused(tiny_llama_dir, adapters, tmp_path):
+    lm = base_lm(tiny_llama_dir)
+    pool = AdapterPool(lm)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text((adapters[0] / "adapter_config.json").read_text())
+    card = json.loads((adapters[0] / "tether.json").read_text())
+    card["objective"]["theta_star_sha256"] = "0" * 64
+    (other / "tether.json").write_text(json.dumps(card))
+    with pytest.raises(AdapterMismatch, match="another base"):
+        asyncio.run(pool.load(AdapterSource("other", folder=str(other)), other))
+    assert not pool.loaded
+
+    catalog = AdapterCatalog(registered=["chat"], dirs={"support": str(adapters[0])})
+    assert catalog.locate("support").folder == str(adapters[0])
+    assert catalog.locate("chat/3").model_uri == "models:/chat/3"
+    assert catalog.locate("models:/chat@champion").model_uri == "models:/chat@champion"
+    for unknown in ("other/1", "chat", "support/1", "../chat/1"):
+        with pytest.raises(UnknownAdapter, match="not served here"):
+            catalog.locate(unknown)
+    with pytest.raises(ValueError, match="unknown keys"):
+        AdapterCatalog.from_config({"registred": ["chat"]})
+    with pytest.raises(FileNotFoundError, match="no LoRA adapter"):
+        AdapterCatalog.from_config({"dirs": {"x": str(tmp_path)}})
+
+
+# --------------------------------------------------------------------------- on Ray Serve
+
+
+def trained_adapter(tiny_llama_dir: Path, root: Path, name: str, reply: str, db: Path | None):
+    """A tether LoRA run on the tiny Llama that teaches one reply (registered when ``db``)."""
+    from tether.config import validate_job
+    from tether.run import run_training
+
+    from .test_causal_lm import lm_job, write_jsonl
+
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question number {i}?"},
+                {"role": "assistant", "content": reply},
+            ]
+        }
+        for i in range(48)
+    ]
+    job = lm_job(
+        tiny_llama_dir,
+        str(write_jsonl(root / f"{name}.jsonl", chats)),
+        root / "runs",
+        model={"adapter": {"r": 8, "alpha": 16.0}},
+        objective={"lambda": 0.01},
+        optim={"lr": 1e-2},
+        train={"epochs": 6, "eval_interval": 1000},
+        eval={"generate_examples": 4},
+        storage={"run_name": name},
+    )
+    job["name"] = name
+    if db is not None:
+        job["tracking"] = {
+            "uri": f"sqlite:///{db}",
+            "experiment": "adapters",
+            "registered_model": name,
+        }
+    return Path(run_training(validate_job(job), register=db is not None).summary["model_dir"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_trained_adapters_are_served_on_one_base_through_the_openai_routes(
+    ray_cluster, tiny_llama_dir, tmp_path
+):
+    """A registered adapter (models:/chat-hi/1, only its adapter/ folder fetched) and a
+    folder adapter, on the tiny base: concurrent requests for both and the base decode
+    together, each equal to its merged export offline; the base is loaded once; an unknown
+    or unallowed model is a 404 naming it; the LRU (max 1) unloads and reloads correctly."""
+    from ray import serve
+
+    from tether.serving.deploy import ServeOptions, application_config, deploy, http_options
+
+    db = tmp_path / "mlflow.db"
+    hi = trained_adapter(tiny_llama_dir, tmp_path, "chat-hi", "tether says hi.", db)
+    bye = trained_adapter(tiny_llama_dir, tmp_path, "chat-bye", "goodbye from two.", None)
+    question = "Question number 7?"
+    lm = base_lm(tiny_llama_dir)
+    prompt = lm.chat_prompt([{"role": "user", "content": question}])
+    expected = {
+        "chat-hi/1": greedy(with_adapter(tiny_llama_dir, hi / "adapter"), prompt, 8),
+        "bye": greedy(with_adapter(tiny_llama_dir, bye / "adapter"), prompt, 8),
+        tiny_llama_dir.name: greedy(lm, prompt, 8),
+    }
+    # the merged exports say the taught replies too (their untaught tails may differ by
+    # rounding: W + s·B·A folded vs applied apart, on a tiny random model's near-ties)
+    assert expected["chat-hi/1"].startswith("tether says hi.")
+    assert greedy(base_lm(hi), prompt, 8).startswith("tether says hi.")
+    assert expected["bye"].startswith("goodbye from two.")
+    assert greedy(base_lm(bye), prompt, 8).startswith("goodbye from two.")
+
+    port = free_port()
+    options = ServeOptions(
+        task="causal-lm",
+        port=port,
+        app_name="adapters",
+        max_new_tokens=16,
+        request_timeout_s=120,
+        extra_args={"max_adapters": 1},
+    )
+    user_config = {
+        "model_dir": str(tiny_llama_dir),
+        "tracking_uri": f"sqlite:///{db}",
+        "adapters": {"registered": ["chat-hi"], "dirs": {"bye": str(bye)}},
+    }
+    config = {
+        "http_options": http_options(options),
+        "applications": [application_config(options, user_config)],
+    }
+    serve.start(http_options=config["http_options"])
+    try:
+        deploy(config)
+        url = f"http://127.0.0.1:{port}"
+
+        async def ask(client, model):
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 8,
+            }
+            r = await client.post("/v1/chat/completions", json=body, timeout=120)
+            return r
+
+        async def ask_all(models):
+            async with httpx.AsyncClient(base_url=url) as client:
+                return await asyncio.gather(*(ask(client, m) for m in models))
+
+        with httpx.Client(base_url=url) as client:
+            # max_adapters = 1: hi, then bye (hi evicted), then hi again (reloaded)
+            for model in ("chat-hi/1", "bye", "chat-hi@champion", tiny_llama_dir.name):
+                r = asyncio.run(ask_all([model]))[0]
+                assert r.status_code == 200, r.text
+                key = "chat-hi/1" if model.startswith("chat-hi") else model
+                assert r.json()["choices"][0]["message"]["content"] == expected[key]
+                assert r.json()["model"] == model
+            stats = client.get("/v1/engine").json()
+            assert stats["base_loads"] == 1
+            assert stats["adapter_loads"] == 3 and stats["adapter_unloads"] == 2
+
+            before = stats["batched_steps"]
+            together = asyncio.run(ask_all(["chat-hi/1", "chat-hi/1", tiny_llama_dir.name]))
+            for model, r in zip(
+                ["chat-hi/1", "chat-hi/1", tiny_llama_dir.name], together, strict=True
+            ):
+                assert r.json()["choices"][0]["message"]["content"] == expected[model]
+            assert client.get("/v1/engine").json()["batched_steps"] > before
+
+            for unknown in ("chat-bye/1", "nope", "chat-hi/9"):
+                r = asyncio.run(ask_all([unknown]))[0]
+                assert r.status_code == 404, (unknown, r.text)
+                assert (
+                    r.json()["error"]["param"] == "model"
+                    and unknown in r.json()["error"]["message"]
+                )
+            listed = [m["id"] for m in client.get("/v1/models").json()["data"]]
+            assert listed == [tiny_llama_dir.name, "bye"]
+    finally:
+        serve.shutdown()
+
+
+def test_tether_serve_builds_an_adapter_deployment_and_refuses_bad_adapter_flags(
+    tiny_llama_dir, adapters, tmp_path, capsys
+):
+    """--base + --adapter print the Serve config with user_config.adapters (the base needs
+    no tether card); a malformed or missing adapter, or --base alone, exit 2 before Ray."""
+    import yaml
+
+    from tether.cli import main
+
+    base = ["serve", "--base", str(tiny_llama_dir), "--print-config"]
+    assert main([*base, "--adapter", f"a={adapters[0]}", "--max-adapters", "3"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    app = config["applications"][0]
+    assert app["args"]["task"] == "causal-lm" and app["args"]["max_adapters"] == 3
+    user_config = app["deployments"][0]["user_config"]
+    assert user_config["model_dir"] == str(tiny_llama_dir.resolve())
+    assert user_config["adapters"] == {"registered": [], "dirs": {"a": str(adapters[0])}}
+
+    for flags, message in (
+        (["--adapter", "a"], "expected ID=DIR"),
+        (["--adapter", f"a={tmp_path}"], "no LoRA adapter"),
+        ([], "--base serves LoRA adapters"),
+        (["--adapter", f"a={adapters[0]}", "--quantize"], "does not combine"),
+    ):
+        assert main([*base, *flags]) == 2, flags
+        assert message in capsys.readouterr().err
