@@ -133,6 +133,31 @@ class ObjectiveSection(_Section):
     anchor_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Storage dtype of θ*. bfloat16/float16 halve its memory and also round the starting
     weights to that dtype, so θ starts exactly at the stored θ*."""
+    strength: float | None = Field(None, ge=0)
+    """κ = λ·Σ_t lr_t, the decoupled pull's total strength (dimensionless), instead of λ: λ is
+    derived from the run's own schedule before step 0, so one κ means the same at any data
+    size or run length. A displacement the data stops pushing shrinks by ≈e^(−κ) over the
+    run: κ ≪ 1 does little, κ ≫ 1 pins θ to θ*. Decoupled mode only; exclusive with `lambda`."""
+    clip: Literal["total", "fine_only"] = "total"
+    """Gradient clipping (optim.max_grad_norm) of the fine-tuning gradient plus the coupled
+    anchor term (total), or of the fine-tuning gradient alone, the anchor term added after
+    (fine_only: a large anchor term no longer shrinks the data's gradient)."""
+
+    @model_validator(mode="after")
+    def _strength_is_decoupled_and_alone(self) -> ObjectiveSection:
+        if self.strength is None:
+            return self
+        if "lam" in self.model_fields_set:
+            raise ValueError(
+                "objective.strength and objective.lambda are exclusive: strength derives λ "
+                "from the run's schedule (λ = strength / Σ lr_t)"
+            )
+        if self.mode != "decoupled":
+            raise ValueError(
+                "objective.strength needs mode: decoupled (a coupled anchor's gradient is "
+                "rescaled per coordinate by AdamW, so λ·Σ lr_t does not measure its pull)"
+            )
+        return self
 
 
 class OptimSection(_Section):
@@ -172,6 +197,10 @@ class TrainSection(_Section):
     """auto: bf16 autocast on GPU, fp32 on CPU. Weights stay fp32 in every mode."""
     num_threads: int | None = Field(None, ge=1)
     """torch threads per worker; default: the worker's CPUs."""
+    head_warmup_steps: int = Field(0, ge=0)
+    """LP-FT: train only the new head (a linear probe) for this many optimizer steps, then
+    everything, anchored. The backbone stays exactly θ* meanwhile (its gradients are dropped:
+    the probe steps cost as much compute as full steps)."""
     gradient_checkpointing: bool = False
     """Recompute activations during backward: less memory, about a third more compute."""
 
@@ -330,6 +359,14 @@ class JobSpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _head_warmup_needs_a_head(self) -> JobSpec:
+        if self.train.head_warmup_steps and self.model.task == "causal-lm":
+            raise ValueError(
+                "train.head_warmup_steps: a causal LM has no new head to warm up (set it to 0)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _trained_weights_are_fp32(self) -> JobSpec:
         if self.model.dtype != "float32":
             # measured: at lr 5e-5 only ~28% of an AdamW step survives bf16 rounding, and the
@@ -354,11 +391,26 @@ class JobSpec(_Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict with YAML keys (``lambda``, not ``lam``)."""
-        return self.model_dump(mode="json", by_alias=True)
+        """Plain dict with YAML keys (``lambda``, not ``lam``): the job as written, so with
+        ``objective.strength`` the λ derived from it is left out (it is recorded apart)."""
+        out = self.model_dump(mode="json", by_alias=True)
+        if self.objective.strength is not None:
+            out["objective"].pop("lambda", None)
+        return out
 
 
 # --------------------------------------------------------------------------- overrides
+
+
+def apply_updates(job: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """``job`` with nested ``updates`` merged in. λ and its strength κ replace each other:
+    setting one drops the other from the job (a dumped spec carries λ's default)."""
+    objective = updates.get("objective") or {}
+    drop = {"strength": "lambda", "lambda": "strength"}
+    if any(key in objective for key in drop) and isinstance(job.get("objective"), dict):
+        gone = {drop[key] for key in objective if key in drop}
+        job = {**job, "objective": {k: v for k, v in job["objective"].items() if k not in gone}}
+    return deep_merge(job, updates)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -410,7 +462,7 @@ def load_job(
         raw = read_yaml(Path(path))
     if overrides:
         updates = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        raw = deep_merge(raw, updates)
+        raw = apply_updates(raw, updates)
     return validate_job(raw, source=source, check_files=check_files)
 
 

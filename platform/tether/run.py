@@ -32,6 +32,7 @@ from tether.models import resolve_model_source
 from tether.tasks import Task, build_task
 from tether.train.checkpoint import HF_MODEL_DIR, checkpoints
 from tether.train.inputs import LoopHooks, WorkerInputs
+from tether.train.setup import resolve_strength
 
 RUN_RECORD = "run.json"
 SUMMARY = "summary.json"
@@ -344,6 +345,7 @@ def run_training(
 
         registered_name(spec)
     task, data = prepared if prepared is not None else prepare_run_data(spec)
+    spec = resolve_strength(spec, len(data.train))  # λ from κ and this run's schedule
     run_name = default_run_name(spec)
     run_dir = Path(spec.storage.path) / run_name
     state = claim_run_dir(run_dir, run_identity(spec, data), allow_changes)
@@ -544,7 +546,11 @@ def summarize(
         "model_dir": str(model_dir) if model_dir.is_dir() else None,
         "checkpoint": checkpoint.path if checkpoint is not None else None,
         "best_checkpoints": best,
-        "objective": {"lambda": spec.objective.lam, "mode": spec.objective.mode},
+        "objective": {
+            "lambda": spec.objective.lam,
+            "mode": spec.objective.mode,
+            "strength": spec.objective.strength,
+        },
         "control": control_arm_note(spec),
         "theta_star_sha256": card.get("objective", {}).get("theta_star_sha256"),
         "adapter": card.get("objective", {}).get("adapter"),

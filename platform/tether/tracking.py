@@ -338,6 +338,7 @@ def open_run(
         "tether.base_model": spec.model.name,
         "tether.lambda": str(spec.objective.lam),
         "tether.mode": spec.objective.mode,
+        "tether.strength": str(spec.objective.strength),
         "tether.baseline": str(spec.objective.lam == 0).lower(),
         "tether.data_fingerprint": data.fingerprint,
         "tether.task": spec.model.task,
@@ -353,7 +354,8 @@ def open_run(
     tags.update(extra_tags or {})
     if recorder.start(run_name, tags, parent_run_id) is None:
         return recorder  # degraded from the start; training goes on
-    recorder.log_params(job)
+    # the λ the run uses (derived when the job gives its strength κ instead)
+    recorder.log_params(job | {"objective": {**job["objective"], "lambda": spec.objective.lam}})
     recorder.log_text(yaml.safe_dump(job, sort_keys=False), "job.yaml")
     lineage = data.lineage
     recorder.log_dataset(

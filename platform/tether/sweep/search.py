@@ -23,12 +23,12 @@ import numpy as np
 from pydantic import ValidationError
 from ray.tune.search import Searcher
 
-from tether.config import JobSpec, SpecError, TuneSection, deep_merge
+from tether.config import JobSpec, SpecError, TuneSection, apply_updates
 from tether.data import PreparedData, steps_per_epoch
 from tether.sweep.trial import ARM
 from tether.tasks import build_task, metric_names
 
-LAMBDA, LR = "objective.lambda", "optim.lr"
+LAMBDA, LR, STRENGTH = "objective.lambda", "optim.lr", "objective.strength"
 TUNABLE_SECTIONS = ("objective", "optim", "train")
 TUNABLE_KEYS = ("model.freeze_embeddings", "model.freeze_layers")
 NOT_TUNABLE = (
@@ -87,6 +87,10 @@ def sweep_problems(spec: JobSpec) -> list[str]:
     space = sweep_space(spec)
     if not space:
         problems.append("tune.space: empty (search at least objective.lambda or optim.lr)")
+    if LAMBDA in space and STRENGTH in space:
+        problems.append(
+            "tune.space: objective.lambda and objective.strength are exclusive (search one)"
+        )
     for key, dim in space.items():
         problems += dimension_problems(key, dim, base, t.search)
     metric, mode = sweep_metric(spec)
@@ -163,7 +167,7 @@ def dimension_problems(key: str, dim, base: dict[str, Any], search: str) -> list
     problems = []
     for value in candidates:
         try:
-            JobSpec.model_validate(deep_merge(base, {section: {name: value}}))
+            JobSpec.model_validate(apply_updates(base, {section: {name: value}}))
         except ValidationError as e:  # say which value and why
             problems.append(f"{where}: {value!r} is not a valid {key}: {e.errors()[0]['msg']}")
     return problems
@@ -278,7 +282,7 @@ def baseline_configs(spec: JobSpec, num_anchored: int) -> list[dict[str, Any]]:
     With grid search it is the grid of the other keys at λ = 0.
     """
     t = spec.tune or TuneSection()
-    others = {k: d for k, d in sweep_space(spec).items() if k != LAMBDA}
+    others = {k: d for k, d in sweep_space(spec).items() if k not in (LAMBDA, STRENGTH)}
     if t.search == "grid":
         return [{**c, LAMBDA: 0.0} for c in grid_configs(others)]
     n = t.baseline_samples or max(2, math.ceil(num_anchored / 3))

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from tether.config import JobSpec, deep_merge
+from tether.config import JobSpec, apply_updates
 from tether.data import PreparedData
 
 ARM = "arm"  # trial config key: "anchored" (searched λ) or "baseline" (λ = 0)
@@ -80,7 +80,7 @@ def trial_spec(job: dict[str, Any], config: dict[str, Any]) -> JobSpec:
         if key != ARM:
             section, _, name = key.partition(".")
             updates.setdefault(section, {})[name] = value
-    return JobSpec.model_validate(deep_merge(job, updates))
+    return JobSpec.model_validate(apply_updates(job, updates))
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -94,6 +94,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     from tether.run import build_trainer, summarize, worker_inputs
     from tether.tasks import build_task
+    from tether.train.setup import resolve_strength
 
     trial_id = ray.tune.get_context().get_trial_id()
     run_dir = Path(ctx.sweep_dir) / "trials" / trial_id
@@ -103,8 +104,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         ray.tune.report(json.loads(done.read_text())["final_report"])
         return
     note_attempt(run_dir, "train")
-    spec = trial_spec(ctx.job, config)
     data = ray.get(ctx.data)
+    spec = resolve_strength(trial_spec(ctx.job, config), len(data.train))
     task = build_task(spec, data.label_names)
     searched = {k: v for k, v in config.items() if k != ARM}
     info = TrialInfo(

@@ -45,7 +45,7 @@ from tether.train.checkpoint import (
     save_training_state,
 )
 from tether.train.inputs import WorkerInputs
-from tether.train.setup import Setup, TrainStats, base_lr, set_up
+from tether.train.setup import Setup, TrainStats, base_lr, resolve_strength, set_up
 from tether.train.strategy import DataParallel, Strategy
 
 
@@ -55,8 +55,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     inputs: WorkerInputs = config["inputs"]
-    spec = JobSpec.model_validate(inputs.job)
     data: PreparedData = _resolve_data_ref(inputs.data)
+    # the job as written; λ from its strength κ exactly as the driver derived it
+    spec = resolve_strength(JobSpec.model_validate(inputs.job), len(data.train))
     if not inputs.verbose:
         _quiet_libraries()
     ctx = ray.train.get_context()
@@ -100,8 +101,11 @@ def train(
         )
         done_in_epoch = (step % plan.steps_per_epoch) * accum
         for start in range(done_in_epoch, len(batches), accum):
+            probing = step < spec.train.head_warmup_steps  # LP-FT: the new head alone first
+            if step == spec.train.head_warmup_steps > 0:
+                _print0(strategy.rank, f"step {step}: head warm-up done, fine-tuning everything")
             grad_norm, lr = optimizer_step(
-                run, spec, task, data, strategy, batches[start : start + accum], stats
+                run, spec, task, data, strategy, batches[start : start + accum], stats, probing
             )
             step += 1
             stats.add_step(grad_norm, lr)
@@ -115,6 +119,7 @@ def train(
                 metrics |= extra_evaluation(run, task, data, spec, strategy, tracker, step)
                 metrics |= {
                     "step": step,
+                    "train/phase": 0.0 if step <= spec.train.head_warmup_steps else 1.0,
                     "epoch": step / plan.steps_per_epoch,
                     "total_steps": plan.total_steps,
                     "resumed_from_step": run.start_step,
@@ -136,8 +141,12 @@ def optimizer_step(
     strategy: Strategy,
     micro_batches: list,
     stats: TrainStats,
+    probing: bool = False,
 ) -> tuple[float, float]:
-    """One optimizer step over ``micro_batches``; returns (grad norm, lr)."""
+    """One optimizer step over ``micro_batches``; returns (grad norm, lr).
+
+    ``probing`` (LP-FT's first phase): only the new head moves; the pretrained parameters
+    keep θ* (their gradients are dropped, so AdamW leaves them and their state alone)."""
     model, optimizer, scaler, anchor = run.model, run.optimizer, run.scaler, run.anchor
     model.train()
     units = torch.zeros((), dtype=torch.float64, device=strategy.device)
@@ -156,14 +165,35 @@ def optimizer_step(
     # DDP averaged the workers' summed gradients: make it the mean over all labelled units
     total_units = float(strategy.all_reduce_sum(units.cpu()))
     scale_gradients_(run.trainable, strategy.world / max(total_units, 1.0))
-    add_anchor_grad_(anchor)  # + 2λ(θ − θ*), exact, once per step
-    grad_norm = strategy.clip_grad_norm_(run.trainable, spec.optim.max_grad_norm)
+    if probing:
+        for p in run.pretrained:
+            p.grad = None
+        anchor = None  # θ = θ* for every anchored parameter: the term is zero
+    grad_norm = anchored_clipped_gradient_(
+        run.trainable, anchor, spec.optim.max_grad_norm, spec.objective.clip, strategy
+    )
     lr = base_lr(optimizer)
     if scaled_optimizer_step(scaler, optimizer):  # AdamW
         pull_toward_anchor_(anchor, lr)  # θ ← θ − lr·λ(θ − θ*)
         run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, lr
+
+
+def anchored_clipped_gradient_(
+    params: list[torch.Tensor], anchor, max_norm: float | None, order: str, strategy: Strategy
+) -> float:
+    """The step's gradient: the data's, plus the coupled anchor's 2λ(θ − θ*), clipped.
+
+    ``total`` clips the sum, so a large anchor term also shrinks the data's gradient;
+    ``fine_only`` clips the data's gradient alone and adds the anchor's after, in full.
+    Returns the norm before clipping (of the sum, or of the data's gradient)."""
+    if order == "fine_only":
+        grad_norm = strategy.clip_grad_norm_(params, max_norm)
+        add_anchor_grad_(anchor)
+        return grad_norm
+    add_anchor_grad_(anchor)  # + 2λ(θ − θ*), exact, once per step
+    return strategy.clip_grad_norm_(params, max_norm)
 
 
 @torch.no_grad()
@@ -296,6 +326,8 @@ def report(
         "theta_star_sha256": run.theta_star_hash,
         "lambda": spec.objective.lam,
         "mode": spec.objective.mode,
+        "strength": spec.objective.strength,  # κ when λ was derived from it
+        "clip": spec.objective.clip,
         "num_anchored_tensors": num_anchored_tensors(run.anchor),
         # a LoRA run's lineage: the adapter needs exactly this base (θ*) to mean anything
         "adapter": spec.model.adapter.model_dump() if spec.model.adapter else None,

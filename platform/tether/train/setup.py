@@ -45,12 +45,31 @@ def make_plan(spec: JobSpec, num_examples: int, world: int) -> Plan:
     return Plan(per_epoch, total, spec.train.eval_interval or per_epoch)
 
 
+def scheduled_lr_sum(spec: JobSpec, plan: Plan) -> float:
+    """Σ_t lr_t over the run's optimizer steps: the lr each step's decoupled pull uses."""
+    warmup = round(spec.optim.warmup_ratio * plan.total_steps)
+    factor = lr_schedule(spec.optim.scheduler, warmup, plan.total_steps)
+    return spec.optim.lr * math.fsum(factor(t) for t in range(plan.total_steps))
+
+
+def resolve_strength(spec: JobSpec, num_examples: int) -> JobSpec:
+    """With ``objective.strength`` κ: the spec with λ = κ / Σ_t lr_t for this run's schedule
+    (its data size, batch, workers and epochs), known before step 0. Otherwise unchanged."""
+    o = spec.objective
+    if o.strength is None:
+        return spec
+    plan = make_plan(spec, num_examples, max(1, spec.scaling.num_workers))
+    lam = o.strength / scheduled_lr_sum(spec, plan) if o.strength > 0 else 0.0
+    return spec.model_copy(update={"objective": o.model_copy(update={"lam": lam})})
+
+
 @dataclass
 class Setup:
     """One worker's model, anchor and optimizer state, ready for the first (or next) step."""
 
     model: torch.nn.Module  # wrapped by the strategy (DDP)
     trainable: list[torch.nn.Parameter]
+    pretrained: list[torch.nn.Parameter]  # the anchored ones (all but the new head)
     anchor: Anchor | LowRankAnchor | None
     theta_star_hash: str
     optimizer: torch.optim.Optimizer
@@ -73,6 +92,13 @@ def set_up(
         # non-reentrant: works with DDP's no_sync and with frozen inputs
         model.gradient_checkpointing_enable({"use_reentrant": False})
     anchor, anchored_names, theta_star_hash = build_objective(spec, model, new_params)
+    if spec.train.head_warmup_steps and not any(
+        p.requires_grad for n, p in model.named_parameters() if n not in anchored_names
+    ):
+        raise ValueError(
+            "train.head_warmup_steps: this model has no new head to warm up (every trained "
+            "parameter is pretrained); set it to 0"
+        )
     optimizer = torch.optim.AdamW(
         param_groups(
             model,
@@ -108,6 +134,9 @@ def set_up(
     return Setup(
         model=strategy.wrap(model),
         trainable=[p for p in model.parameters() if p.requires_grad],
+        pretrained=[
+            p for n, p in model.named_parameters() if p.requires_grad and n in anchored_names
+        ],
         anchor=anchor,
         theta_star_hash=theta_star_hash,
         optimizer=optimizer,
