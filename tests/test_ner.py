@@ -269,3 +269,28 @@ def test_csv_json_and_parquet_files_encode_like_jsonl(tmp_path, packaged_model_d
     want = encoded(jsonl)
     for name in ("t.json", "t.parquet", "t.csv"):
         assert encoded(tmp_path / name) == want, name
+
+
+def test_the_progress_line_shows_what_the_task_reports():
+    """Every headline metric the task reported, primary first; no per-type breakdowns or
+    counts (the line is not written for one task)."""
+    from tether.train.loop import progress_line
+
+    m = {
+        "step": 10,
+        "total_steps": 20,
+        "epoch": 0.5,
+        "train/fine_loss": 0.5,
+        "train/anchor_loss": 0.0,
+        "train/samples_per_s": 12.0,
+        "eval/loss": 0.4,
+        "eval/entity_f1": 0.8,
+        "eval/precision": 0.7,
+        "eval/f1/PER": 0.9,
+        "eval/num_examples": 50.0,
+        "eval/target_tokens": 300.0,
+    }
+    line = progress_line(m, "eval/entity_f1")
+    assert line.index("entity_f1 0.8000") < line.index("loss 0.4000")
+    assert "precision 0.7000" in line and "PER" not in line
+    assert "num_examples" not in line and "target_tokens" not in line

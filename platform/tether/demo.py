@@ -200,7 +200,7 @@ def serve_and_ask(sweep, summary: dict, model_uri: str | None, report: list[str]
     import ray
 
     from tether.cluster import ensure_ray
-    from tether.serving.cli import API_KEY_ENV
+    from tether.serving.cli import API_KEY_ENV, generates
     from tether.serving.deploy import ServeOptions, deploy, model_user_config, serve_config
     from tether.serving.model import card_task, resolve_model_dir
 
@@ -212,7 +212,7 @@ def serve_and_ask(sweep, summary: dict, model_uri: str | None, report: list[str]
         host=args.host,
         port=args.port,
         api_key_sha256=hashlib.sha256(key.encode()).hexdigest() if key else None,
-        request_timeout_s=300.0 if task == "causal-lm" else 30.0,
+        request_timeout_s=300.0 if generates(task) else 30.0,
     )
     config = serve_config(options, model_user_config(model_dir, model_uri))
     started_ray = not ray.is_initialized()  # the sweep shut nothing down; usually connected
@@ -220,7 +220,7 @@ def serve_and_ask(sweep, summary: dict, model_uri: str | None, report: list[str]
     deploy(config)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        if task == "causal-lm":
+        if generates(task):
             ask_llm(sweep, options, headers, summary, report)
         else:
             ask_classifier(options, headers, summary, report)

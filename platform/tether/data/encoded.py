@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100  # label of positions the loss and metrics skip
-PAD_VALUES = {"labels": IGNORE_INDEX, "word_tags": IGNORE_INDEX, "word_starts": -1}
 
 
 @dataclass
@@ -61,6 +60,10 @@ class Ragged:
         return out
 
 
+class StaleCache(Exception):
+    """A cached encoding in an older layout: encode again."""
+
+
 @dataclass
 class Encoded:
     """One encoded split: ``input_ids`` plus task fields (ragged or one value per row)."""
@@ -69,6 +72,7 @@ class Encoded:
     fields: dict[str, Ragged | np.ndarray] = field(default_factory=dict)
     token_fields: tuple[str, ...] = ()  # ragged fields aligned with input_ids (padded with it)
     pad_left: bool = False  # causal LMs: rows end together, so targets share the last positions
+    pad_values: dict[str, int] = field(default_factory=dict)  # a ragged field's padding; else 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -90,7 +94,7 @@ class Encoded:
             "attention_mask": torch.from_numpy(real.astype(np.int64)),
         }
         for name, values in self.fields.items():
-            pad = PAD_VALUES.get(name, 0)
+            pad = self.pad_values.get(name, 0)
             if isinstance(values, Ragged):
                 token_level = name in self.token_fields
                 wide = width if token_level else None
@@ -107,7 +111,9 @@ class Encoded:
             k: v.take(indices) if isinstance(v, Ragged) else v[indices]
             for k, v in self.fields.items()
         }
-        return Encoded(self.input_ids.take(indices), fields, self.token_fields, self.pad_left)
+        return Encoded(
+            self.input_ids.take(indices), fields, self.token_fields, self.pad_left, self.pad_values
+        )
 
     # ------------------------------------------------------------------- (de)serialisation
 
@@ -125,7 +131,12 @@ class Encoded:
             else:
                 arrays[f"{prefix}.{name}"] = values
                 kinds[name] = "array"
-        meta = {"kinds": kinds, "token_fields": list(self.token_fields), "pad_left": self.pad_left}
+        meta = {
+            "kinds": kinds,
+            "token_fields": list(self.token_fields),
+            "pad_left": self.pad_left,
+            "pad_values": self.pad_values,
+        }
         return arrays, meta
 
     @classmethod
@@ -137,4 +148,7 @@ class Encoded:
             else:
                 fields[name] = z[f"{prefix}.{name}"]
         ids = Ragged(z[f"{prefix}.input_ids.v"], z[f"{prefix}.input_ids.o"])
-        return cls(ids, fields, tuple(meta["token_fields"]), bool(meta.get("pad_left", False)))
+        if "pad_values" not in meta:  # written before tasks owned their padding
+            raise StaleCache("encoded split without pad_values")
+        pad_left = bool(meta.get("pad_left", False))
+        return cls(ids, fields, tuple(meta["token_fields"]), pad_left, dict(meta["pad_values"]))

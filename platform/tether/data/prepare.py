@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tether.data.encoded import Encoded
+from tether.data.encoded import Encoded, StaleCache
 from tether.data.rows import content_digest, hub_label_names, split_rows
 from tether.errors import DataError
 from tether.sources import SYNTHETIC_PREFIX, is_local_path
@@ -104,7 +104,10 @@ def prepare_data(
     fp = data_fingerprint(cfg, task.cache_key(), tokenizer_id, digest, labels)
     path = cache_dir() / f"{fp}.npz"
     if use_cache and path.is_file():
-        return load_cached(path, fp)
+        try:
+            return load_cached(path, fp)
+        except StaleCache:
+            pass  # re-encoded below and the cache rewritten
     stats: dict[str, float] = {}
     splits = {}
     for name, rows in (("train", train_rows), ("validation", val_rows)):

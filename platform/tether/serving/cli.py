@@ -122,9 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         user_config = resolve_user_config(args)
         task = served_task(user_config)
         options = dataclasses.replace(options, task=task)
-        if (
-            args.request_timeout_s is None and task == "causal-lm"
-        ):  # a long answer streams for minutes
+        if args.request_timeout_s is None and generates(task):  # an answer streams for minutes
             options = dataclasses.replace(options, request_timeout_s=300.0)
     except (ValueError, ModelSourceError) as e:
         print(f"tether serve: {e}", file=sys.stderr)
@@ -402,11 +400,25 @@ def print_ready(options, config: dict) -> None:
 
 def try_command(options, auth: str) -> str:
     """A curl a person can paste: the route and body of the served task."""
-    if options.task == "causal-lm":
-        body = '{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'
-        return f"curl -s {options.url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
-    body = '{"texts": ["a fine film", "a dull film"]}'
-    return f"curl -s {options.url}/v1/predict -H 'Content-Type: application/json'{auth} -d '{body}'"
+    import json
+
+    from tether.tasks import task_class
+
+    if generates(options.task):
+        route, body = "chat/completions", {"messages": [{"role": "user", "content": "Hello!"}]}
+    else:
+        route, body = "predict", task_class(options.task)().request_example()
+    return (
+        f"curl -s {options.url}/v1/{route} -H 'Content-Type: application/json'{auth} "
+        f"-d '{json.dumps(body)}'"
+    )
+
+
+def generates(task: str) -> bool:
+    """Is ``task`` served behind the OpenAI generation routes (not /v1/predict)?"""
+    from tether.tasks import task_class
+
+    return bool(getattr(task_class(task), "generates", False))
 
 
 def shut_down(app_name: str) -> None:

@@ -177,8 +177,7 @@ def reported_metrics(spec: JobSpec) -> set[str]:
     """Validation metrics the training loop reports for the spec's task (what a sweep can
     rank on). Per-type keys (eval/f1/PER) depend on the data and are not listed."""
     task = build_task(spec)
-    placeholder = {"sequence-classification": ["a", "b"], "token-classification": ["O", "B-X"]}
-    return metric_names(task.with_labels(placeholder.get(task.name, [])))
+    return metric_names(task.with_labels(list(task.example_labels)))
 
 
 def is_integer_key(key: str) -> bool:

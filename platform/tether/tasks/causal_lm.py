@@ -51,6 +51,7 @@ class CausalLM:
 
     name = "causal-lm"
     primary_metric = "eval/loss"
+    example_labels = ()  # no label set
     mode = "min"
     label_column = None
     generates = True  # served behind the OpenAI-compatible generation routes
@@ -183,7 +184,12 @@ class CausalLM:
             "gen_start": np.asarray(starts, dtype=np.int64),
             "gen_end": np.asarray(ends, dtype=np.int64),
         }
-        encoded = Encoded(Ragged.from_rows(ids_rows, np.int32), fields, ("labels",))
+        encoded = Encoded(
+            Ragged.from_rows(ids_rows, np.int32),
+            fields,
+            ("labels",),
+            pad_values={"labels": IGNORE_INDEX},  # padding is no target
+        )
         return encoded, {
             "examples": len(rows),
             "truncated": truncated,

@@ -31,6 +31,7 @@ class SequenceClassification:
 
     name = "sequence-classification"
     primary_metric = "eval/accuracy"
+    example_labels = ("negative", "positive")  # what a spec check may assume before the data
     mode = "max"
 
     @classmethod

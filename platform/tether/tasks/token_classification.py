@@ -37,6 +37,7 @@ class TokenClassification:
 
     name = "token-classification"
     primary_metric = "eval/entity_f1"
+    example_labels = ("O", "B-X", "I-X")  # what a spec check may assume before the data
     mode = "max"
 
     @classmethod
@@ -151,7 +152,13 @@ class TokenClassification:
             "word_starts": Ragged.from_rows(starts, np.int32),
             "word_tags": Ragged.from_rows(tags, np.int32),
         }
-        encoded = Encoded(Ragged.from_rows(enc["input_ids"], np.int32), fields, ("labels",))
+        encoded = Encoded(
+            Ragged.from_rows(enc["input_ids"], np.int32),
+            fields,
+            ("labels",),
+            # padded positions are no word: the loss, the metrics and serving skip them
+            pad_values={"labels": IGNORE_INDEX, "word_tags": IGNORE_INDEX, "word_starts": -1},
+        )
         return encoded, {"examples": len(rows), "truncated": count_truncated(enc)}
 
     # ------------------------------------------------------------------- model

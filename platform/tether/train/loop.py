@@ -285,17 +285,26 @@ def extra_evaluation(
 
 
 def progress_line(m: dict[str, float], primary: str) -> str:
+    """The objective's terms, then every headline metric the task reported (primary first;
+    not per-type breakdowns like eval/f1/PER, nor counts), then throughput."""
     line = (
         f"step {m['step']:>6}/{m['total_steps']} | epoch {m['epoch']:.2f} | "
         f"fine_loss {m['train/fine_loss']:.4f} | anchor_loss {m['train/anchor_loss']:.4g} | "
-        f"drift {m.get('train/drift_l2', float('nan')):.4f} | eval_loss {m['eval/loss']:.4f}"
+        f"drift {m.get('train/drift_l2', float('nan')):.4f}"
     )
-    if primary != "eval/loss":
-        line += f" | {primary.removeprefix('eval/')} {m[primary]:.4f}"
-    for extra in ("eval/exact_match", "eval/forgetting"):
-        if extra in m:
-            line += f" | {extra.removeprefix('eval/')} {m[extra]:.4f}"
+    headline = sorted(
+        k
+        for k in m
+        if k.startswith("eval/") and k.count("/") == 1 and k != primary and not _is_count(k)
+    )
+    for key in ([primary] if primary in m else []) + headline:
+        line += f" | {key.removeprefix('eval/')} {m[key]:.4f}"
     return line + f" | {m['train/samples_per_s']:.1f} samples/s"
+
+
+def _is_count(key: str) -> bool:
+    """How much was evaluated (eval/num_examples, eval/target_tokens), not how well."""
+    return key.startswith("eval/num_") or key.endswith("_tokens")
 
 
 # --------------------------------------------------------------------------- checkpoint + report
