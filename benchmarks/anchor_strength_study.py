@@ -156,7 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conll-dir", type=Path, default=SHARED / "conll2003", help="dev.txt")
     p.add_argument("--workdir", type=Path, help="runs and checkpoints (default: a temp dir)")
     p.add_argument("--verbose", action="store_true", help="library INFO logs")
-    p.add_argument("--out", type=Path, help="JSON path (default results/anchor_strength_study.json)")
+    p.add_argument(
+        "--out", type=Path, help="JSON path (default results/anchor_strength_study.json)"
+    )
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     args = p.parse_args(argv)
     apply_quick(args, QUICK, "anchor_strength_study")
@@ -225,7 +227,9 @@ def probe_sentences(conll_dir: Path, k: int) -> Probe:
     dev = conll_dir / "dev.txt"
     if dev.is_file():
         sentences = first_distinct(conll_sentences(dev), k)
-        return Probe(sentences, f"probe: the first {len(sentences)} distinct sentences of {dev}", False)
+        return Probe(
+            sentences, f"probe: the first {len(sentences)} distinct sentences of {dev}", False
+        )
     examples = entity_examples("validation", 50 * k)  # templates repeat: draw many, keep distinct
     sentences = first_distinct((" ".join(e["tokens"]) for e in examples), k)
     note = (
@@ -265,9 +269,7 @@ def load_encoder(folder: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def embed(
-    encoder: torch.nn.Module, tokenizer, sentences: list[str], max_length: int
-) -> np.ndarray:
+def embed(encoder: torch.nn.Module, tokenizer, sentences: list[str], max_length: int) -> np.ndarray:
     """Mean of the last hidden states over real tokens (the mask keeps padding out), float64.
     Same batches for every model, so θ* against its own export is bit for bit the same."""
     out = []
@@ -303,9 +305,7 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     """‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F) on centred embeddings: 1 = the same geometry up to
     rotation and scale."""
     x, y = x - x.mean(0), y - y.mean(0)
-    return float(
-        np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
-    )
+    return float(np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
 def drift_l2(encoder: torch.nn.Module, star: dict[str, torch.Tensor]) -> float:
@@ -528,9 +528,7 @@ def run_seed(
     winner = select(plain_trials)
     discard([t for t in plain_trials if t is not winner])
     lr = winner.lr
-    record(
-        "plain", winner.model_dir, {"lr": lr, "val_accuracy": winner.val_accuracy}, plain_trials
-    )
+    record("plain", winner.model_dir, {"lr": lr, "val_accuracy": winner.val_accuracy}, plain_trials)
 
     exports = workdir / f"exports-s{seed}"
     checkpoint, metrics = best_validation_checkpoint(winner.run_dir)
@@ -540,7 +538,12 @@ def run_seed(
     record(
         "early-stop",
         early,
-        {"lr": lr, "step": step, "of_steps": winner.steps, "val_accuracy": metrics["eval/accuracy"]},
+        {
+            "lr": lr,
+            "step": step,
+            "of_steps": winner.steps,
+            "val_accuracy": metrics["eval/accuracy"],
+        },
         [],
     )
 
@@ -640,7 +643,9 @@ def pass_rule(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
             "half the forgetting, but early stopping or interpolation retains as much at ≥ the gain"
         )
     else:
-        outcome = "the anchor does NOT pay: no κ keeps ≥ 95% of plain's gain with ≤ half its forgetting"
+        outcome = (
+            "the anchor does NOT pay: no κ keeps ≥ 95% of plain's gain with ≤ half its forgetting"
+        )
     lines.append(f"pass rule: {outcome}")
     return {"rule": RULE, "lines": lines, "outcome": outcome, "passing": pays, "dial": dial}
 
@@ -666,7 +671,7 @@ def print_summary(rows: list[dict[str, Any]], k: int) -> None:
         )
 
 
-def plot(rows: list[dict[str, Any]], path: Path, k: int, note: str) -> None:
+def plot(rows: list[dict[str, Any]], out: Path, k: int, note: str) -> None:
     """Dev accuracy vs retention per arm (mean ± std); the interpolation path θ* → plain dashed."""
     import matplotlib
 
@@ -685,13 +690,19 @@ def plot(rows: list[dict[str, Any]], path: Path, k: int, note: str) -> None:
             label=r["arm"],
             color="black" if r["arm"] == "plain" else None,
         )
+    # the interpolation path toward plain (α ascending); θ(0) has plain's head, so θ* (a fresh
+    # head, chance) is not on it
     by_arm = {r["arm"]: r for r in rows}
-    path_arms = sorted((a for a in by_arm if a.startswith("interp-")), key=lambda a: -float(a[7:]))
-    xs = [1.0, *(by_arm[a]["retention_at_k_mean"] for a in path_arms)]
-    ys = [100 * CHANCE, *(100 * by_arm[a]["dev_accuracy_mean"] for a in path_arms)]
-    xs.append(by_arm["plain"]["retention_at_k_mean"])
-    ys.append(100 * by_arm["plain"]["dev_accuracy_mean"])
-    ax.plot(xs, ys, ls="--", lw=1, color="gray", zorder=0)
+    path = [a for a in by_arm if a.startswith("interp-")]
+    path = sorted(path, key=lambda a: float(a.removeprefix("interp-"))) + ["plain"]
+    ax.plot(
+        [by_arm[a]["retention_at_k_mean"] for a in path],
+        [100 * by_arm[a]["dev_accuracy_mean"] for a in path],
+        ls="--",
+        lw=1,
+        color="gray",
+        zorder=0,
+    )
     ax.scatter([1.0], [100 * CHANCE], marker="*", s=140, color="gray", label="θ* (chance)")
     ax.set_xlabel(f"retention@{k} (kNN overlap with θ*'s embeddings of CoNLL sentences; 1 = kept)")
     ax.set_ylabel("SST-2 dev accuracy (%)")
@@ -700,8 +711,8 @@ def plot(rows: list[dict[str, Any]], path: Path, k: int, note: str) -> None:
     ax.legend(fontsize=7, loc="lower left")
     fig.text(0.01, 0.01, note[:120], fontsize=6, alpha=0.7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
     plt.close(fig)
 
 
@@ -737,7 +748,9 @@ def main(argv: list[str] | None = None) -> int:
         dev = load_dev(dev_path)
         probe = probe_sentences(args.conll_dir, args.probe_sentences)
         ref = theta_star_reference(probe.sentences, args)
-        runs = len(args.seeds) * (len(args.plain_lrs) + len(args.strengths) + len(args.coupled_lambdas) + 1)
+        runs = len(args.seeds) * (
+            len(args.plain_lrs) + len(args.strengths) + len(args.coupled_lambdas) + 1
+        )
         print(f"{note}\n{probe.note}\narms: {', '.join(arms)}")
         print(f"{runs} training runs; dev set: {len(dev.labels)} sentences; θ* retention 1.0 ✓")
         result: dict[str, Any] = {

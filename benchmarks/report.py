@@ -536,6 +536,57 @@ def render_forgetting(d: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def render_lora(d: dict[str, Any]) -> str:
+    """lora_vs_full: cost and outcome per arm, with the forgetting study's 3-seed full-FT rows."""
+    s, lr = d["settings"], d.get("lr", {})
+    head = (
+        f"SmolLM2-135M-Instruct on tether's synthetic chat task, seed {s['seed']}: "
+        f"{s['examples']} chats, {s['epochs']} epoch(s), batch {s['batch_size']}, one process "
+        f"per arm ({s['threads']} threads). lr {fmt(lr.get('full'))} for full fine-tuning, "
+        f"{fmt(lr.get('lora'))} for LoRA (alpha = 2r, every linear layer but the LM head). "
+        "s/step from the loop's samples/s over the training phase; peak RSS is the arm's "
+        "process; drift is ‖θ − θ*‖ of the exported (merged) weights; forgetting: NLL of θ*'s "
+        "own probe answers minus θ*'s (lower is better). Timings are only comparable where "
+        "the load average column is similar."
+    )
+    rows = [
+        [
+            r["arm"],
+            f"{r['trainable_params']:,}",
+            f"{r['s_per_step']:.2f}",
+            f"{r['peak_rss_mb']:,.0f}",
+            pct(r["exact_match"], 1),
+            f"{r['eval_loss']:.4f}",
+            f"{r['forgetting']:+.4f}",
+            f"{r['drift_l2']:.3f}",
+            fmt(r.get("load_avg_1m")),
+        ]
+        for r in d.get("runs", [])
+    ]
+    table = md_table(
+        ["arm", "trainable params", "s/step", "peak RSS MB", "exact match %", "eval loss"]
+        + ["forgetting", "drift L2", "load avg"],
+        rows,
+    )
+    parts = [head, table]
+    study = d.get("forgetting_study_full_ft")
+    if study:
+        ref = [
+            [
+                f"full-{a} (forgetting study)",
+                f"{pct(m['exact_match'][0], 1)} ± {pct(m['exact_match'][1], 1)}",
+            ]
+            + [f"{m['forgetting'][0]:+.4f} ± {m['forgetting'][1]:.4f}"]
+            for a, m in study["arms"].items()
+        ]
+        parts.append(
+            f"Full fine-tuning over seeds {fmt(study['seeds'])} (same data and schedule, from "
+            "forgetting_study.json):\n\n"
+            + md_table(["arm", "exact match % (mean ± std)", "forgetting"], ref)
+        )
+    return "\n\n".join(parts)
+
+
 def render_gpu(d: dict[str, Any]) -> str:
     m, s = d.get("machine", {}), d["settings"]
     rows = [
@@ -702,6 +753,16 @@ BENCHMARKS = (
         f"{PY} benchmarks/forgetting_study.py",
         f"{PY} benchmarks/forgetting_study.py --quick",
         render_forgetting,
+    ),
+    Benchmark(
+        "lora_vs_full",
+        "LoRA vs full fine-tuning (SmolLM2 chat SFT)",
+        "trainable parameters, s/step, peak memory, task exact match, eval/forgetting and merged "
+        "drift of LoRA r = 8, 16 vs full fine-tuning, λ = 0 vs coupled anchor, on the forgetting "
+        "study's task",
+        f"{PY} benchmarks/lora_vs_full.py",
+        f"{PY} benchmarks/lora_vs_full.py --quick",
+        render_lora,
     ),
     Benchmark(
         "hpo_efficiency",

@@ -66,6 +66,7 @@ def apply_lora(
     targets = linear_targets(model, save) if target_modules == "all-linear" else target_modules
     if not targets:
         raise ValueError(f"model.adapter.target_modules: no module matches {target_modules!r}")
+    refuse_tied_embedding_target(model, targets)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -75,6 +76,24 @@ def apply_lora(
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def refuse_tied_embedding_target(model: torch.nn.Module, targets: list[str] | str) -> None:
+    """An input embedding tied to the output head cannot take an adapter: training adapts
+    the lookup only, but merging writes W₀ + s·B·A into the shared matrix, so the merged
+    model's head would change too and its outputs differ from the adapter's."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embeddings is None or output is None or output.weight is not embeddings.weight:
+        return
+    names = [targets] if isinstance(targets, str) else targets
+    for name, module in model.named_modules():
+        if module is embeddings and any(name == t or name.endswith("." + t) for t in names):
+            raise ValueError(
+                f"model.adapter.target_modules: {name!r} is tied to the output head; a merged "
+                "adapter would change the head too (one matrix is both the input lookup and the "
+                "output head). Leave it out of target_modules"
+            )
 
 
 def base_name(peft_name: str) -> str:
