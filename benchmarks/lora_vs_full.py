@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/lora_vs_full.py --quick    # 2 arms, 32 chats (~6 min)
     .venv/bin/python benchmarks/lora_vs_full.py            # 7 arms, seed 0 (~40 min)
+    .venv/bin/python benchmarks/lora_vs_full.py --timing   # s/step and peak RSS only (~8 min)
 
 Same task, data, steps and schedule as benchmarks/forgetting_study.py (the packaged
 SmolLM2-135M-Instruct on tether's synthetic chats, 256 chats × 2 epochs, batch 16), one arm per
@@ -19,6 +20,11 @@ run's process, eval/exact_match, eval/loss, eval/forgetting (NLL of θ*'s own pr
 minus θ*'s) and the drift ‖θ − θ*‖ of the exported (merged) weights from the base's. The
 forgetting study's 3-seed numbers for full fine-tuning are printed beside them when its JSON is present.
 Writes benchmarks/results/lora_vs_full.json (--quick: lora_vs_full_quick.json).
+
+--timing measures cost alone, for a quiet machine: every arm runs --timing-steps optimizer
+steps with no evaluation, one process per arm, and the table (s/step, peak RSS, load average)
+is added to the JSON under "timing" (the quality runs' own s/step are kept but flagged by
+their load average: they can share the machine with other work).
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--timing", action="store_true", help="cost only: no evaluation")
+    p.add_argument("--timing-steps", type=int, default=8)
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--out", type=Path)
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this arm in this process
@@ -76,6 +84,17 @@ def job(args, arm: str) -> dict[str, Any]:
     model: dict[str, Any] = {"name": "packaged:SmolLM2-135M-Instruct", "task": "causal-lm"}
     if r is not None:
         model["adapter"] = {"type": "lora", "r": r, "alpha": 2.0 * r}
+    train_extra = {"max_steps": args.timing_steps} if args.timing else {}
+    evaluation = (
+        {"generate_examples": 0, "samples": 0, "forgetting_probe": "none"}
+        if args.timing
+        else {
+            "generate_examples": 48,
+            "max_new_tokens": 8,
+            "samples": 0,
+            "forgetting_probe": "builtin",
+        }
+    )
     return {
         "name": "lora-vs-full",
         "model": model,
@@ -95,13 +114,9 @@ def job(args, arm: str) -> dict[str, Any]:
             "seed": args.seed,
             "num_threads": args.threads,
             "keep_checkpoints": 1,
-        },
-        "eval": {
-            "generate_examples": 48,
-            "max_new_tokens": 8,
-            "samples": 0,
-            "forgetting_probe": "builtin",
-        },
+        }
+        | train_extra,
+        "eval": evaluation,
         "scaling": {"num_workers": 0},
         "tracking": {"enabled": False},
         "storage": {"path": str(args.workdir / "runs"), "run_name": f"{arm}-s{args.seed}"},
@@ -128,6 +143,15 @@ def run_one(args) -> dict[str, Any]:
     m = summary["metrics"]
     model, _ = build_model(spec, build_task(spec), source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.timing:
+        return {
+            "arm": args.one,
+            "steps": args.timing_steps,
+            "s_per_step": args.batch_size / m["train/samples_per_s"],
+            "peak_rss_mb": peak_rss_mb,
+            "trainable_params": trainable,
+            "load_avg_1m": os.getloadavg()[0],
+        }
     return {
         "arm": args.one,
         "seed": args.seed,
@@ -167,6 +191,7 @@ def run_arm(args, arm: str) -> dict[str, Any]:
     cmd += ["--seed", str(args.seed), "--examples", str(args.examples)]
     cmd += ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
     cmd += ["--threads", str(args.threads)] + (["--verbose"] if args.verbose else [])
+    cmd += ["--timing", "--timing-steps", str(args.timing_steps)] if args.timing else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"arm {arm} failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
@@ -199,6 +224,28 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def timing(args) -> int:
+    """Cost alone, every arm in its own process, added to the JSON under "timing"."""
+    args.workdir = Path(tempfile.mkdtemp(prefix="tether-lora-"))
+    runs = []
+    try:
+        for arm in args.arms.split(","):
+            runs.append(run_arm(args, arm))
+            r = runs[-1]
+            print(
+                f"{arm:<20}{r['s_per_step']:>8.2f} s/step{r['peak_rss_mb']:>8.0f} MB "
+                f"load {r['load_avg_1m']:.2f}",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result["timing"] = {"machine": machine_info(threads=args.threads), "runs": runs}
+    result["timing"]["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
+    write_json(args.out, result)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
@@ -207,6 +254,8 @@ def main(argv=None) -> int:
         return 0
     apply_quick(args, QUICK, "lora_vs_full")
     exit_on_sigterm()
+    if args.timing:
+        return timing(args)
     args.workdir = Path(tempfile.mkdtemp(prefix="tether-lora-"))
     result: dict[str, Any] = {
         "machine": machine_info(threads=args.threads),

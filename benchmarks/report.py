@@ -569,6 +569,21 @@ def render_lora(d: dict[str, Any]) -> str:
         rows,
     )
     parts = [head, table]
+    timing = d.get("timing")
+    if timing:
+        parts.append(
+            f"Cost measured apart ({machine_line(timing)}): "
+            "each arm alone in its own process, no evaluation:\n\n"
+            + md_table(
+                ["arm", "steps", "s/step", "peak RSS MB", "trainable params", "load avg"],
+                [
+                    [r["arm"], str(r["steps"]), f"{r['s_per_step']:.2f}"]
+                    + [f"{r['peak_rss_mb']:,.0f}", f"{r['trainable_params']:,}"]
+                    + [fmt(r.get("load_avg_1m"))]
+                    for r in timing["runs"]
+                ],
+            )
+        )
     study = d.get("forgetting_study_full_ft")
     if study:
         ref = [
