@@ -122,7 +122,7 @@ QUICK = {
     "epochs": 1,
     "plain_lrs": [5e-5],
     "coupled_lambdas": [1e-2],
-    "strengths": [3.0],
+    "strengths": [1.0],  # the quick run has 2 steps: a larger κ would be refused
     "probe_sentences": 100,
 }
 

@@ -189,3 +189,20 @@ def test_a_sweep_can_search_the_strength_and_its_control_arm_is_lambda_zero(
     both = space | {"objective.lambda": {"low": 0.01, "high": 1.0}}
     spec = validate_job(job | {"tune": {"space": both, "num_samples": 2}})
     assert any("exclusive" in p for p in sweep_problems(spec))
+
+
+def test_a_decoupled_pull_that_would_diverge_is_refused_before_training(
+    tiny_model_dir, easy_csv, tmp_path
+):
+    """κ far beyond the run's steps (or a huge decoupled λ) would make each step's pull
+    lr·λ ≥ 2, pushing θ away from θ*: refused, saying why."""
+    from tether.errors import SpecError
+
+    spec = validate_job(strength_job(tiny_model_dir, easy_csv, tmp_path, kappa=50.0))
+    with pytest.raises(SpecError, match="farther"):
+        resolve_strength(spec, 64)  # 4 steps
+    assert resolve_strength(spec, 64_000).objective.lam > 0  # 4,000 steps: fine
+    job = local_job(tiny_model_dir, easy_csv, tmp_path)
+    job["objective"] = {"mode": "decoupled", "lambda": 1e4}  # lr 3e-3: a pull of 30 per step
+    with pytest.raises(SpecError, match="λ = 1e\\+04"):
+        resolve_strength(validate_job(job), 64)

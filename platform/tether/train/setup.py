@@ -54,13 +54,34 @@ def scheduled_lr_sum(spec: JobSpec, plan: Plan) -> float:
 
 def resolve_strength(spec: JobSpec, num_examples: int) -> JobSpec:
     """With ``objective.strength`` κ: the spec with λ = κ / Σ_t lr_t for this run's schedule
-    (its data size, batch, workers and epochs), known before step 0. Otherwise unchanged."""
+    (its data size, batch, workers and epochs), known before step 0. Otherwise unchanged.
+
+    A decoupled pull of lr_t·λ > 1 in one step moves θ past θ*, and at ≥ 2 farther from θ*
+    than it was: the anchor would push θ away. Such a λ — given, or derived from a κ too large
+    for the run's steps — is refused here, before any cluster work."""
     o = spec.objective
-    if o.strength is None:
+    if o.mode != "decoupled" or (o.strength is None and o.lam == 0):
         return spec
     plan = make_plan(spec, num_examples, max(1, spec.scaling.num_workers))
-    lam = o.strength / scheduled_lr_sum(spec, plan) if o.strength > 0 else 0.0
-    return spec.model_copy(update={"objective": o.model_copy(update={"lam": lam})})
+    lam = o.lam
+    if o.strength is not None:
+        lam = o.strength / scheduled_lr_sum(spec, plan) if o.strength > 0 else 0.0
+        spec = spec.model_copy(update={"objective": o.model_copy(update={"lam": lam})})
+    warmup = round(spec.optim.warmup_ratio * plan.total_steps)
+    factor = lr_schedule(spec.optim.scheduler, warmup, plan.total_steps)
+    largest = spec.optim.lr * lam * max(factor(t) for t in range(plan.total_steps))
+    if largest >= 2.0:
+        from tether.errors import SpecError
+
+        given = f"strength {o.strength} gives λ = {lam:.4g}" if o.strength else f"λ = {lam:.4g}"
+        raise SpecError(
+            [
+                f"objective: {given}, a decoupled pull of lr·λ = {largest:.3g} in one step "
+                f"(over this run's {plan.total_steps} steps); at ≥ 2 each step leaves θ farther "
+                "from θ* than it was. Lower it, or train for more steps"
+            ]
+        )
+    return spec
 
 
 @dataclass
