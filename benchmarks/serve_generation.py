@@ -42,6 +42,7 @@ from _common import apply_quick, exit_on_sigterm, machine_info, write_json
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"  # loopback only
 SERVERS = ("tether", "naive")
+# also: "tether-fast", tether serve in Ray Serve's high-throughput mode (--throughput-optimized)
 PROMPTS = [
     "What is the sentiment of this review? The soundtrack was lovely and the cast superb.",
     "Write two sentences about a rainy morning in a small town.",
@@ -296,7 +297,7 @@ def start_server(name: str, model_dir: Path, args, workdir: Path) -> tuple[subpr
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TETHER_API_KEY")}
     log = (workdir / f"{name}.log").open("w")
-    if name == "tether":
+    if name.startswith("tether"):
         argv = [
             str(REPO / ".venv" / "bin" / "tether"),
             "serve",
@@ -314,6 +315,7 @@ def start_server(name: str, model_dir: Path, args, workdir: Path) -> tuple[subpr
             str(args.max_batch_size),
         ]
         argv += ["--max-new-tokens", str(max(args.max_tokens, 64)), "--max-waiting", "64"]
+        argv += ["--throughput-optimized"] if name == "tether-fast" else []
     else:
         argv = [
             sys.executable,
