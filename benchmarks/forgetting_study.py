@@ -10,6 +10,8 @@ same data, steps and learning rate; only the objective differs:
     plain        λ = 0
     coupled-*    grad += 2λ(θ − θ*)
     decoupled-*  θ ← θ − lr·λ(θ − θ*) after each step (λ·Σ lr is the pull's total strength)
+    kappa-3      decoupled with objective.strength κ = 3 (tether derives λ = κ / Σ lr_t)
+    interp-α     (--interpolate) no training: θ* + α(θ_plain − θ*) of the same seed's plain run
 
 At the end of each run: the task (eval/exact_match on the validation chats, eval/loss) and
 eval/forgetting, the NLL of θ*'s own greedy answers to tether's 52 general probe prompts
@@ -44,6 +46,7 @@ ARMS = {
     "coupled-10": {"lambda": 10.0, "mode": "coupled"},
     "decoupled-300": {"lambda": 300.0, "mode": "decoupled"},
     "decoupled-3000": {"lambda": 3000.0, "mode": "decoupled"},
+    "kappa-3": {"strength": 3.0, "mode": "decoupled"},  # λ derived: λ·Σ lr_t = 3
 }
 QUICK = {"seeds": [0], "arms": "plain,decoupled-3000", "examples": 64, "epochs": 1}
 
@@ -58,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--interpolate",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[],
+        help="also score θ(α) of each plain run at these α (e.g. 0.25,0.5,0.75)",
+    )
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
@@ -152,6 +161,8 @@ def main(argv=None) -> int:
             for arm in arms:
                 spec = validate_job(job(args, workdir, ARMS[arm], seed, f"{arm}-s{seed}"))
                 summary = run_training(spec).summary
+                if arm == "plain" and args.interpolate:
+                    result["runs"] += interpolated(args, spec, summary, seed)
                 shutil.rmtree(summary["run_dir"], ignore_errors=True)
                 m = summary["metrics"]
                 run = {
@@ -168,7 +179,8 @@ def main(argv=None) -> int:
                     f"seed {seed} {arm:<15} exact {run['exact_match']:.3f} loss {run['eval_loss']:.4f} forgetting {run['forgetting']:+.4f}"
                 )
                 write_json(args.out, result)
-        result["arms"] = summarise(result, arms)
+        interp = [f"interp-{a:g}" for a in args.interpolate]
+        result["arms"] = summarise(result, arms + interp)
         result["verdict"] = verdict(result)
         result["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
         write_json(args.out, result)
@@ -178,6 +190,31 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def interpolated(args, spec, summary: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """θ(α) = θ* + α(θ_plain − θ*) of this plain run, scored like a trained arm."""
+    from tether.interpolate import score_curve
+
+    curve, _, _ = score_curve(spec, Path(summary["model_dir"]), args.interpolate)
+    runs = []
+    for alpha, m in zip(curve.alphas, curve.metrics, strict=True):
+        runs.append(
+            {
+                "arm": f"interp-{alpha:g}",
+                "seed": seed,
+                "exact_match": m["eval/exact_match"],
+                "eval_loss": m["eval/loss"],
+                "forgetting": m["eval/forgetting"],
+                "drift_l2": None,
+                "load_avg_1m": os.getloadavg()[0],
+            }
+        )
+        print(
+            f"seed {seed} {runs[-1]['arm']:<15} exact {m['eval/exact_match']:.3f} "
+            f"loss {m['eval/loss']:.4f} forgetting {m['eval/forgetting']:+.4f}"
+        )
+    return runs
 
 
 def summarise(result: dict[str, Any], arms: list[str]) -> dict[str, Any]:
@@ -201,7 +238,7 @@ def verdict(result: dict[str, Any]) -> list[str]:
     ]
     passing = []
     for arm, s in arms.items():
-        if arm == "plain":
+        if arm == "plain" or arm.startswith("interp-"):
             continue
         gain = s["exact_match"][0] - base["eval/exact_match"]
         keeps = gain >= 0.95 * plain_gain if plain_gain > 0 else gain >= plain_gain
@@ -216,6 +253,24 @@ def verdict(result: dict[str, Any]) -> list[str]:
         "pass rule (≥ 95% of plain's task gain with ≤ half its forgetting): "
         + (f"met by {', '.join(passing)}" if passing else "met by no arm")
     )
+    interp = {a: s for a, s in arms.items() if a.startswith("interp-")}
+    for arm in passing:  # the cheap alternative: does interpolation do as well at equal gain?
+        gain = arms[arm]["exact_match"][0]
+        rivals = [a for a, s in interp.items() if s["exact_match"][0] >= gain]
+        beaten = [a for a in rivals if interp[a]["forgetting"][0] > arms[arm]["forgetting"][0]]
+        lines.append(
+            f"{arm} vs interpolation at ≥ its task score: "
+            + (
+                f"less forgetting than {', '.join(beaten)}"
+                + (
+                    ""
+                    if beaten == rivals
+                    else f"; not than {', '.join(sorted(set(rivals) - set(beaten)))}"
+                )
+                if rivals
+                else "no interpolated model reaches its task score"
+            )
+        )
     return lines
 
 
