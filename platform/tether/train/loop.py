@@ -289,9 +289,10 @@ def progress_line(m: dict[str, float], primary: str) -> str:
     not per-type breakdowns like eval/f1/PER, nor counts), then throughput."""
     line = (
         f"step {m['step']:>6}/{m['total_steps']} | epoch {m['epoch']:.2f} | "
-        f"fine_loss {m['train/fine_loss']:.4f} | anchor_loss {m['train/anchor_loss']:.4g} | "
-        f"drift {m.get('train/drift_l2', float('nan')):.4f}"
+        f"fine_loss {m['train/fine_loss']:.4f} | anchor_loss {m['train/anchor_loss']:.4g}"
     )
+    if "train/drift_l2" in m:  # at λ = 0 θ* is not kept, so there is no drift to report
+        line += f" | drift {m['train/drift_l2']:.4f}"
     headline = sorted(
         k
         for k in m
