@@ -536,6 +536,47 @@ def render_forgetting(d: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def render_strength(d: dict[str, Any]) -> str:
+    """anchor_strength_study: task vs retention per arm, the pass rule and its lines."""
+    s, data = d["settings"], d.get("data", {})
+    head = (
+        f"{s.get('model', 'MiniLM')} fine-tuned on {s['n']} SST-2 sentences "
+        f"({s['validation_fraction']:.0%} carved for validation), {s['epochs']} epochs, batch "
+        f"{s['batch_size']}, seeds {fmt(s['seeds'])}. Task gain: dev accuracy − 0.5 (points); "
+        f"retention@{s['knn']}: how many of each probe sentence's {s['knn']} nearest neighbours "
+        f"under θ*'s encoder stay its neighbours ({data.get('probe_note', 'probe')}); forgetting "
+        "= 1 − retention; CKA: linear CKA of the two embedding sets. Arms use the plain "
+        "winner's lr; early-stop is that run's best-validation checkpoint; interp-α is "
+        "θ* + α(θ_plain − θ*)."
+    )
+    rows = [
+        [
+            r["arm"],
+            f"{100 * r['dev_accuracy_mean']:.2f} ± {100 * r['dev_accuracy_std']:.2f}",
+            f"{100 * r['task_gain_mean']:+.1f}",
+            f"{r['retention_at_k_mean']:.3f} ± {r['retention_at_k_std']:.3f}",
+            f"{r['cka_mean']:.4f}",
+            f"{r['drift_l2_mean']:.3f}",
+            f"{r.get('dev_accuracy_vs_plain', '–')} / {r.get('retention_at_k_vs_plain', '–')}",
+        ]
+        for r in d.get("summary", [])
+    ]
+    table = md_table(
+        ["arm", "dev accuracy %", "gain (pts)", f"retention@{s['knn']}", "CKA", "drift L2"]
+        + ["vs plain (accuracy / retention)"],
+        rows,
+    )
+    parts = [head, table]
+    if not d.get("complete"):
+        parts.insert(0, "**Partial run** (stopped or still running: means so far).")
+    rule = d.get("pass_rule") or {}
+    if rule.get("rule"):
+        parts.append(f"Pass rule, stated before the run: {rule['rule']}.")
+    if rule.get("lines"):
+        parts.append("\n".join(f"- {line}" for line in rule["lines"]))
+    return "\n\n".join(parts)
+
+
 def render_lora(d: dict[str, Any]) -> str:
     """lora_vs_full: cost and outcome per arm, with the forgetting study's 3-seed full-FT rows."""
     s, lr = d["settings"], d.get("lr", {})
@@ -768,6 +809,16 @@ BENCHMARKS = (
         f"{PY} benchmarks/forgetting_study.py",
         f"{PY} benchmarks/forgetting_study.py --quick",
         render_forgetting,
+    ),
+    Benchmark(
+        "anchor_strength_study",
+        "Where the anchor pays: retention of MiniLM's embeddings (SST-2)",
+        "SST-2 dev accuracy vs retention of θ*'s nearest-neighbour structure on CoNLL news "
+        "sentences, for plain (own lr), early stopping, θ(α) interpolation, decoupled κ = 1, 3, "
+        "10 (objective.strength), coupled at its best λ and LP-FT, 3 seeds",
+        f"{PY} benchmarks/anchor_strength_study.py",
+        f"{PY} benchmarks/anchor_strength_study.py --quick",
+        render_strength,
     ),
     Benchmark(
         "forgetting_study_interp",
