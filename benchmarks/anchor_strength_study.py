@@ -1,7 +1,8 @@
 """Does the anchor buy retention on an encoder? MiniLM on SST-2: task vs kept sentence embeddings.
 
     .venv/bin/python benchmarks/anchor_strength_study.py           # n=1000, 3 seeds, 10 arms (~30–40 min, 2 cores)
-    .venv/bin/python benchmarks/anchor_strength_study.py --quick   # smoke run: n=64, 1 seed, 1 epoch, κ=3 only
+    .venv/bin/python benchmarks/anchor_strength_study.py --quick   # smoke run: n=64, 1 seed, 1 epoch, κ=1 only
+    .venv/bin/python benchmarks/anchor_strength_study.py --add-clip-arm results/anchor_strength_study.json
     .venv/bin/python benchmarks/anchor_strength_study.py --help    # --n --seeds --epochs --plain-lrs --strengths ...
 
 Part 1 of the anchor strength study. The packaged all-MiniLM-L6-v2 (θ*) is fine-tuned for
@@ -19,6 +20,8 @@ every arm of a seed. Every run is tether's own loop in this process (``run_train
     kappa-κ        decoupled anchor, objective.strength κ ∈ --strengths (λ = κ/Σ lr_t: a
                    displacement the data stops pushing shrinks by ≈ e^(−κ) over the run)
     coupled        grad += 2λ(θ − θ*), λ from --coupled-lambdas picked on validation accuracy
+    coupled-clip-fine  the same λ and lr with objective.clip: fine_only (the data's gradient is
+                   clipped alone, the anchor's added after): the pair measures the clipping order
     lp-ft          train.head_warmup_steps = one epoch's steps (head only), then plain (λ = 0)
 
 All trained arms use the plain winner's lr. Selection uses the carved validation split only;
@@ -56,6 +59,7 @@ a smoke test, not a measurement.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -160,6 +164,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, help="JSON path (default results/anchor_strength_study.json)"
     )
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
+    p.add_argument(
+        "--add-clip-arm",
+        type=Path,
+        metavar="JSON",
+        help=f"only run the {CLIP_ARM} arm for the seeds of an existing result and update it",
+    )
     args = p.parse_args(argv)
     apply_quick(args, QUICK, "anchor_strength_study")
     if not (args.seeds and args.plain_lrs and args.coupled_lambdas and args.strengths):
@@ -173,6 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+CLIP_ARM = "coupled-clip-fine"  # coupled at its selected λ, clipping the data's gradient alone
+
+
 def arm_names(args: argparse.Namespace) -> list[str]:
     """Every arm in table order: the control, its free alternatives, then the anchored ones."""
     return [
@@ -181,6 +194,7 @@ def arm_names(args: argparse.Namespace) -> list[str]:
         *(f"interp-{a:g}" for a in args.alphas),
         *(f"kappa-{k:g}" for k in args.strengths),
         "coupled",
+        CLIP_ARM,
         "lp-ft",
     ]
 
@@ -571,11 +585,81 @@ def run_seed(
     record("coupled", best.model_dir, selected, coupled)
     discard(coupled)
 
+    t = run_clip_arm(base, prepared, lr, best.lam)
+    record(CLIP_ARM, t.model_dir, {"lr": lr, "lambda": best.lam, "clip": "fine_only"}, [t])
+    discard([t])
+
     t = run_trial(base, prepared, "lp-ft", lr, PLAIN, head_warmup_steps=per_epoch)
     show_trial(t)
     record("lp-ft", t.model_dir, {"lr": lr, "head_warmup_steps": per_epoch}, [t])
     discard([t])
     return arms
+
+
+def run_clip_arm(base: dict, prepared: tuple, lr: float, lam: float) -> Trial:
+    """objective.clip: fine_only at the coupled arm's λ and lr: the same run but for the order
+    of clipping and adding 2λ(θ − θ*), so the pair measures the clipping order alone."""
+    objective = {"lambda": lam, "mode": "coupled", "clip": "fine_only"}
+    t = run_trial(base, prepared, CLIP_ARM, lr, objective)
+    show_trial(t)
+    return t
+
+
+def add_clip_arm(args: argparse.Namespace, path: Path, workdir: Path) -> int:
+    """--add-clip-arm: run only the clip arm for each seed of an existing result (its own
+    selected lr and coupled λ), score it the same way, and rewrite the summary and rule."""
+    result = json.loads(path.read_text())
+    for key in ("n", "epochs", "batch_size", "knn", "probe_sentences", "new_param_lr_scale"):
+        setattr(args, key, result["settings"][key])
+    train, dev_path, _, _ = data_files(args, workdir)
+    dev = load_dev(dev_path)
+    ref = theta_star_reference(
+        probe_sentences(args.conll_dir, args.probe_sentences).sentences, args
+    )
+    cells: dict[int, dict[str, dict]] = {}
+    for r in result["runs"]:
+        cells.setdefault(r["seed"], {})[r["arm"]] = r
+    for seed, arms in sorted(cells.items()):
+        print(f"seed {seed}", flush=True)
+        base = job(args, train, workdir, seed)
+        prepared = prepare_run_data(validate_job(base))
+        lr, lam = arms["plain"]["selected"]["lr"], arms["coupled"]["selected"]["lambda"]
+        t = run_clip_arm(base, prepared, lr, lam)
+        scores = score_model(t.model_dir, dev, ref, args)
+        selected = {"lr": lr, "lambda": lam, "clip": "fine_only"}
+        arms[CLIP_ARM] = {"arm": CLIP_ARM, "seed": seed, **scores, "selected": selected}
+        arms[CLIP_ARM]["trials"] = [asdict(t)]
+        discard([t])
+        print(
+            f"  {CLIP_ARM} dev acc {scores['dev_accuracy']:.4f} retention {scores['retention_at_k']:.3f}"
+        )
+    names = [a for a in result["settings"]["arms"] if a != CLIP_ARM]
+    names.insert(names.index("coupled") + 1, CLIP_ARM)
+    args.alphas, args.strengths = result["settings"]["alphas"], result["settings"]["strengths"]
+    rows = summarize(cells, names)
+    rule = pass_rule(rows, args)
+    result["settings"]["arms"] = names
+    result["settings"]["clip_arm_added"] = "afterwards by --add-clip-arm (same seeds and settings)"
+    result |= {"runs": [r for a in cells.values() for r in a.values()], "summary": rows}
+    result |= {"pass_rule": rule, "training_time": training_time(cells)}
+    write_json(path, result)
+    print_summary(rows, args.knn)
+    for line in rule["lines"]:
+        print(line)
+    plot(rows, path.with_suffix(".png"), args.knn, result["data"]["probe_note"])
+    return 0
+
+
+def clip_line(by_arm: dict[str, dict[str, Any]]) -> str | None:
+    """The clipping order's effect: the clip arm against coupled (same λ, lr, seeds)."""
+    if CLIP_ARM not in by_arm or "coupled" not in by_arm:
+        return None
+    a, b = by_arm[CLIP_ARM], by_arm["coupled"]
+    return (
+        f"clipping order at the coupled λ: fine_only vs total: dev accuracy "
+        f"{100 * (a['dev_accuracy_mean'] - b['dev_accuracy_mean']):+.2f} points, retention "
+        f"{a['retention_at_k_mean'] - b['retention_at_k_mean']:+.3f}"
+    )
 
 
 # --------------------------------------------------------------------------- summary
@@ -651,6 +735,9 @@ def pass_rule(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
             "the anchor does NOT pay: no κ keeps ≥ 95% of plain's gain with ≤ half its forgetting"
         )
     lines.append(f"pass rule: {outcome}")
+    clip = clip_line(by_arm)
+    if clip:
+        lines.append(clip)
     return {"rule": RULE, "lines": lines, "outcome": outcome, "passing": pays, "dial": dial}
 
 
@@ -746,6 +833,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(workdir)  # local mode leaves checkpoints in temp dirs: keep them here
     os.environ.setdefault("TETHER_CACHE", str(workdir / "cache"))
+    if args.add_clip_arm is not None:
+        try:
+            return add_clip_arm(args, args.add_clip_arm, workdir)
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
     arms = arm_names(args)
     cells: dict[int, dict[str, dict]] = {}
     try:
@@ -754,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = probe_sentences(args.conll_dir, args.probe_sentences)
         ref = theta_star_reference(probe.sentences, args)
         runs = len(args.seeds) * (
-            len(args.plain_lrs) + len(args.strengths) + len(args.coupled_lambdas) + 1
+            len(args.plain_lrs) + len(args.strengths) + len(args.coupled_lambdas) + 2
         )
         print(f"{note}\n{probe.note}\narms: {', '.join(arms)}")
         print(f"{runs} training runs; dev set: {len(dev.labels)} sentences; θ* retention 1.0 ✓")
