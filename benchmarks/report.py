@@ -1003,8 +1003,12 @@ def glance_rows(name: str, d: dict[str, Any]) -> list[list[str]]:
         return ner_glance_rows(d)
     if name == "llm_throughput":
         return llm_glance_rows(d)
-    if name == "forgetting_study":
+    if name in ("forgetting_study", "forgetting_study_interp"):
         return forgetting_glance_rows(d)
+    if name == "anchor_strength_study":
+        return strength_glance_rows(d)
+    if name == "lora_vs_full":
+        return lora_glance_rows(d)
     if name == "hpo_efficiency":
         v = d["verdict"]
         return [
@@ -1174,6 +1178,71 @@ def forgetting_glance_rows(d: dict[str, Any]) -> list[list[str]]:
             verdict(bool(passing)) + ("" if "verdict" in d else " so far"),
         ]
     )
+    return rows
+
+
+def strength_glance_rows(d: dict[str, Any]) -> list[list[str]]:
+    """The pass rule's outcome, and each κ against plain."""
+    by_arm = {r["arm"]: r for r in d.get("summary", [])}
+    plain = by_arm.get("plain")
+    rule = d.get("pass_rule") or {}
+    if plain is None:
+        return [["retention vs task", "–", "no plain arm yet", "–"]]
+    rows = []
+    for arm, r in by_arm.items():
+        if not arm.startswith(("kappa-", "interp-")):
+            continue
+        share = (
+            r["task_gain_mean"] / plain["task_gain_mean"] if plain["task_gain_mean"] > 0 else None
+        )
+        rows.append(
+            [
+                f"{arm}: dev accuracy, retention@{d['settings']['knn']} (plain: "
+                f"{100 * plain['dev_accuracy_mean']:.1f} %, {plain['retention_at_k_mean']:.2f})",
+                "report what is found",
+                f"{100 * r['dev_accuracy_mean']:.1f} %{'' if share is None else f' ({100 * share:.0f} % of the gain)'}, "
+                f"{r['retention_at_k_mean']:.2f}",
+                "–",
+            ]
+        )
+    outcome = rule.get("outcome", "no verdict yet")
+    rows.append(
+        [
+            "some κ keeps ≥ 95 % of the gain with ≤ half the forgetting, beating early stopping "
+            "and interpolation",
+            "≥ 1 κ",
+            outcome,
+            "pays"
+            if rule.get("passing")
+            else ("retention dial" if rule.get("dial") else "does not pay"),
+        ]
+    )
+    return rows
+
+
+def lora_glance_rows(d: dict[str, Any]) -> list[list[str]]:
+    """Each LoRA arm against full fine-tuning at the same λ: cost, task, forgetting."""
+    runs = {r["arm"]: r for r in d.get("runs", [])}
+    timing = {r["arm"]: r for r in (d.get("timing") or {}).get("runs", [])}
+    rows = []
+    for arm, r in runs.items():
+        if not arm.startswith("lora"):
+            continue
+        full = runs.get("full-plain" if arm.endswith("plain") else "full-coupled-0.1")
+        t, tf = timing.get(arm), timing.get(full["arm"]) if full else None
+        cost = f"{t['s_per_step']:.2f} vs {tf['s_per_step']:.2f} s/step, " if t and tf else ""
+        rows.append(
+            [
+                f"{arm} vs {full['arm'] if full else 'full'}",
+                "report what is found",
+                f"{cost}exact match {pct(r['exact_match'], 1)} vs "
+                f"{pct(full['exact_match'], 1) if full else '–'} %, forgetting "
+                f"{r['forgetting']:+.3f} vs {full['forgetting']:+.3f}"
+                if full
+                else "",
+                "–",
+            ]
+        )
     return rows
 
 
