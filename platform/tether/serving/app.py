@@ -349,9 +349,10 @@ def load_source(
         source.model_dir, source.model_uri, source.tracking_uri, need_card=not is_base
     )
     card = base_card(model_dir, task) if is_base else read_card(model_dir)
-    if card_task(model_dir, card) != task:
+    found = card_task(model_dir, card)
+    if found != task:
         raise ValueError(
-            f"{model_dir} is a {card_task(model_dir, card)} model but this app serves {task}: "
+            f"{model_dir} is a {found} model but this app serves {task}: "
             "deploy it as a new application"
         )
     if is_base and source.quantize:

@@ -45,11 +45,16 @@ def make_plan(spec: JobSpec, num_examples: int, world: int) -> Plan:
     return Plan(per_epoch, total, spec.train.eval_interval or per_epoch)
 
 
-def scheduled_lr_sum(spec: JobSpec, plan: Plan) -> float:
-    """Σ_t lr_t over the run's optimizer steps: the lr each step's decoupled pull uses."""
+def scheduled_lrs(spec: JobSpec, plan: Plan) -> list[float]:
+    """lr_t for each of the run's optimizer steps: the lr each step's decoupled pull uses."""
     warmup = round(spec.optim.warmup_ratio * plan.total_steps)
     factor = lr_schedule(spec.optim.scheduler, warmup, plan.total_steps)
-    return spec.optim.lr * math.fsum(factor(t) for t in range(plan.total_steps))
+    return [spec.optim.lr * factor(t) for t in range(plan.total_steps)]
+
+
+def scheduled_lr_sum(spec: JobSpec, plan: Plan) -> float:
+    """Σ_t lr_t over the run's optimizer steps."""
+    return math.fsum(scheduled_lrs(spec, plan))
 
 
 def resolve_strength(spec: JobSpec, num_examples: int) -> JobSpec:
@@ -63,13 +68,12 @@ def resolve_strength(spec: JobSpec, num_examples: int) -> JobSpec:
     if o.mode != "decoupled" or (o.strength is None and o.lam == 0):
         return spec
     plan = make_plan(spec, num_examples, max(1, spec.scaling.num_workers))
+    lrs = scheduled_lrs(spec, plan)
     lam = o.lam
     if o.strength is not None:
-        lam = o.strength / scheduled_lr_sum(spec, plan) if o.strength > 0 else 0.0
+        lam = o.strength / math.fsum(lrs) if o.strength > 0 else 0.0
         spec = spec.model_copy(update={"objective": o.model_copy(update={"lam": lam})})
-    warmup = round(spec.optim.warmup_ratio * plan.total_steps)
-    factor = lr_schedule(spec.optim.scheduler, warmup, plan.total_steps)
-    largest = spec.optim.lr * lam * max(factor(t) for t in range(plan.total_steps))
+    largest = lam * max(lrs)
     if largest >= 2.0:
         from tether.errors import SpecError
 
