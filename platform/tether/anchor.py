@@ -46,6 +46,15 @@ class Anchor:
     # decoupled mode: the part of the pull that fp32 rounding has not applied yet (see
     # pull_toward_anchor_); empty in coupled mode
     residuals: list[torch.Tensor] = field(default_factory=list)
+    # under FSDP the process group over which θ's shards are spread (drift sums are
+    # all-reduced over it); None when every rank holds all of θ
+    group: object | None = None
+
+    @property
+    def local_params(self) -> list[torch.Tensor]:
+        """θ as this rank holds it: the parameters, or their local shards (views: updating
+        them updates the parameters)."""
+        return [local_part(p) for p in self.params]
 
     @property
     def theta_star_bytes(self) -> int:
@@ -53,7 +62,8 @@ class Anchor:
 
     @property
     def num_bytes(self) -> int:
-        """Memory the anchor holds: θ*, plus the rounding residuals in decoupled mode."""
+        """Memory the anchor holds on this rank: θ*, plus the rounding residuals in decoupled
+        mode (under FSDP only this rank's shards of both)."""
         return sum(t.numel() * t.element_size() for t in [*self.targets, *self.residuals])
 
 
@@ -98,16 +108,36 @@ def build_anchor(
         names.append(name)
         params.append(p)
     dtype = _DTYPES[anchor_dtype]
+    local = [local_part(p) for p in params]  # under FSDP θ* is kept for this rank's shards only
     with torch.no_grad():
         if dtype != torch.float32:
             # θ₀ := θ* as stored; at λ = 0 too, so the control arm starts from the same point
-            for p in params:
+            for p in local:
                 p.copy_(p.to(dtype))
         if lam == 0:
             return None
-        targets = [p.detach().to(dtype=dtype, copy=True) for p in params]
-        residuals = [torch.zeros_like(p) for p in params] if mode == "decoupled" else []
-    return Anchor(names, params, targets, float(lam), mode, residuals)
+        targets = [p.detach().to(dtype=dtype, copy=True) for p in local]
+        residuals = [torch.zeros_like(p) for p in local] if mode == "decoupled" else []
+    return Anchor(names, params, targets, float(lam), mode, residuals, shard_group(params))
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of an FSDP (DTensor) parameter or
+    gradient, a view that in-place updates write through; any other tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def shard_group(params: list[torch.Tensor]):
+    """The process group θ is sharded over (None when it is not sharded)."""
+    if params and _is_dtensor(params[0]):
+        return params[0].device_mesh.get_group()
+    return None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def anchored_parameters(
@@ -133,8 +163,11 @@ def _targets_like_params(anchor: Anchor) -> list[torch.Tensor]:
 
 
 def _drift(anchor: Anchor) -> list[torch.Tensor]:
-    """θ − θ* per parameter, in the parameters' dtype (a temporary the size of θ)."""
-    return torch._foreach_sub([p.detach() for p in anchor.params], _targets_like_params(anchor))
+    """θ − θ* per parameter (this rank's shards), in the parameters' dtype (a temporary the
+    size of θ)."""
+    return torch._foreach_sub(
+        [p.detach() for p in anchor.local_params], _targets_like_params(anchor)
+    )
 
 
 @torch.no_grad()
@@ -156,10 +189,11 @@ def add_anchor_grad_(anchor: Anchor | AnchorTerm | None) -> None:
     for p in anchor.params:
         if p.grad is None:  # a parameter the batch did not touch still feels the anchor
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in anchor.params]
+    grads = [local_part(p.grad) for p in anchor.params]  # FSDP: reduce-scattered shards
     all_fp32 = anchor.params[0].dtype == torch.float32 == anchor.targets[0].dtype
     if all_fp32:
-        torch._foreach_add_(grads, [p.detach() for p in anchor.params], alpha=2.0 * anchor.lam)
+        local = [p.detach() for p in anchor.local_params]
+        torch._foreach_add_(grads, local, alpha=2.0 * anchor.lam)
         torch._foreach_add_(grads, anchor.targets, alpha=-2.0 * anchor.lam)
     else:
         torch._foreach_add_(grads, _drift(anchor), alpha=2.0 * anchor.lam)
@@ -183,7 +217,7 @@ def pull_toward_anchor_(anchor: Anchor | AnchorTerm | None, lr: float) -> None:
         anchor.pull_(lr)
         return
     weight = min(lr * anchor.lam, 1.0)  # never overshoot θ*
-    params, residuals = anchor.params, anchor.residuals
+    params, residuals = anchor.local_params, anchor.residuals
     scratch = torch._foreach_sub(params, _targets_like_params(anchor))  # θ − θ*
     torch._foreach_add_(residuals, scratch, alpha=weight)  # u = carried + w(θ − θ*)
     torch._foreach_copy_(scratch, params)  # θ before the step
@@ -194,10 +228,18 @@ def pull_toward_anchor_(anchor: Anchor | AnchorTerm | None, lr: float) -> None:
 
 @torch.no_grad()
 def drift_norms(anchor: Anchor | None) -> list[float]:
-    """‖θ − θ*‖₂ of each anchored parameter (no autograd)."""
+    """‖θ − θ*‖₂ of each anchored parameter (no autograd). Under FSDP every rank must call
+    it: the shards' sums of squares are all-reduced, once for all parameters."""
     if anchor is None:
         return []
-    return [float(n) for n in torch._foreach_norm(_drift(anchor))]
+    norms = torch._foreach_norm(_drift(anchor))
+    if anchor.group is None:
+        return [float(n) for n in norms]
+    import torch.distributed as dist
+
+    squares = torch.stack(norms).double() ** 2 if norms else torch.zeros(0, dtype=torch.float64)
+    dist.all_reduce(squares, group=anchor.group)
+    return [float(sq) ** 0.5 for sq in squares.cpu()]
 
 
 def drift_squares(anchor: AnchorTerm) -> list[tuple[str, float]]:

@@ -223,7 +223,10 @@ class EvalSection(_Section):
 
 class ScalingSection(_Section):
     num_workers: int = Field(2, ge=0)
-    """Data-parallel workers (DDP). 0 runs the loop in this process (debugging)."""
+    """Data-parallel workers. 0 runs the loop in this process (debugging)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every worker holds the whole model, θ* and Adam state. fsdp: PyTorch FSDP2, each
+    worker holds 1/num_workers of them (θ* too): for models that do not fit one device."""
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float | None = Field(None, gt=0)
@@ -387,6 +390,27 @@ class JobSpec(_Section):
             raise ValueError(
                 "model.freeze/freeze_layers/freeze_embeddings: not with model.adapter, whose "
                 "base is frozen already; choose what adapts with model.adapter.target_modules"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_is_supported_here(self) -> JobSpec:
+        if self.scaling.strategy != "fsdp":
+            return self
+        if self.scaling.num_workers == 0:
+            raise ValueError(
+                "scaling.strategy: fsdp shards the model over Ray Train workers; set "
+                "scaling.num_workers >= 1 (0 runs in this process, unsharded)"
+            )
+        if self.model.adapter is not None:
+            raise ValueError(
+                "scaling.strategy: fsdp is not supported with model.adapter (LoRA trains a few "
+                "million parameters beside a frozen base: use ddp)"
+            )
+        if self.train.precision == "fp16-mixed":
+            raise ValueError(
+                "train.precision: fp16-mixed needs a sharded loss scaler under FSDP; use "
+                "bf16-mixed (or auto) with scaling.strategy: fsdp"
             )
         return self
 

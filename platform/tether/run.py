@@ -48,8 +48,9 @@ NOT_IDENTITY = (
     "train.keep_checkpoints",
     "scaling.resources_per_worker",
 )
-# what `--allow-change` may accept on resume: the data order and the model stay valid
-SAFE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_interval")
+# what `--allow-change` may accept on resume: the model stays valid (the worker count changes
+# the batches after the resume point; a sharded checkpoint reshards onto the new count)
+SAFE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_interval", "scaling.num_workers")
 
 
 @dataclass

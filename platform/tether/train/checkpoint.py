@@ -3,6 +3,10 @@
     checkpoint_000040/
       model.safetensors    weights (rank 0)
       optimizer.pt         AdamW state (rank 0; tensors only, loaded with weights_only=True)
+      sharded/             FSDP instead of the two above: weights and AdamW state written by
+                           every rank with torch.distributed.checkpoint (its .metadata from
+                           rank 0, one __{rank}_0.distcp per rank); it loads on any number of
+                           workers (DCP reshards)
       trainer_state.json   step, scheduler state, metrics, anchor identity (base + θ* hash),
                            and that every DDP replica held the same weights when it was written
       rng_rank{r}.pt       each worker's torch RNG (dropout), so a resumed run continues exactly
@@ -34,6 +38,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
 HF_MODEL_DIR = "model"
+SHARDED_DIR = "sharded"
 CHECKPOINT_PREFIX = "checkpoint_"
 
 
@@ -48,20 +53,29 @@ def save_training_state(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     worker: dict[str, Any] | None = None,
+    sharded: bool = False,
 ) -> None:
-    """Write this rank's share of a checkpoint (rank 0 writes the shared part)."""
+    """Write this rank's share of a checkpoint (rank 0 writes the shared part). ``sharded``
+    (FSDP): every rank must call it; each writes its own shards of weights and AdamW state."""
     directory.mkdir(parents=True, exist_ok=True)
     if worker is not None:
         (directory / f"worker_rank{rank}.json").write_text(json.dumps(worker))
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
+    if sharded:
+        _save_sharded(directory / SHARDED_DIR, model, optimizer)
     if rank != 0:
         return
+    if not sharded:
+        _save_whole(directory, model, optimizer)
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def _save_whole(directory: Path, model, optimizer) -> None:
     if is_adapted(model):  # the adapter and head only: the frozen base is θ*, rebuilt on resume
         save_file(trainable_state(model), str(directory / MODEL_FILE))
     else:
         save_model(model, str(directory / MODEL_FILE))
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
-    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
 def load_training_state(
@@ -71,11 +85,13 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     theta_star_hash: str,
     device: torch.device,
+    sharded: bool = False,
 ) -> dict[str, Any]:
     """Restore weights, optimizer and RNG in place; return the trainer state (step, ...).
 
     Tensors load straight onto this worker's device: without ``map_location`` every rank of a
-    multi-GPU node would first materialise rank 0's Adam state on GPU 0.
+    multi-GPU node would first materialise rank 0's Adam state on GPU 0. ``sharded`` (FSDP):
+    every rank reads the shards it now owns, whatever the world size that wrote them.
     """
     state = read_state(directory)
     recorded = state.get("anchor", {}).get("theta_star_sha256")
@@ -84,6 +100,17 @@ def load_training_state(
             f"checkpoint {directory} was trained against θ* {recorded}, but the base model now "
             f"gives {theta_star_hash}: the base weights changed, refusing to resume"
         )
+    if sharded:
+        _load_sharded(directory, model, optimizer)
+    else:
+        _load_whole(directory, model, optimizer, device)
+    rng_file = directory / f"rng_rank{rank}.pt"
+    if rng_file.is_file():  # absent when resuming on more workers than wrote it
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def _load_whole(directory: Path, model, optimizer, device: torch.device) -> None:
     missing, unexpected = load_model(
         model, str(directory / MODEL_FILE), strict=False, device=str(device)
     )
@@ -94,10 +121,31 @@ def load_training_state(
     optimizer.load_state_dict(
         torch.load(directory / OPTIMIZER_FILE, weights_only=True, map_location=device)
     )
-    rng_file = directory / f"rng_rank{rank}.pt"
-    if rng_file.is_file():  # absent when resuming on more workers than wrote it
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    return state
+
+
+def _save_sharded(directory: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
+
+
+def _load_sharded(directory: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (directory / SHARDED_DIR / ".metadata").is_file():
+        raise RuntimeError(
+            f"checkpoint {directory} holds no sharded state: it was written by a run without "
+            "scaling.strategy: fsdp"
+        )
+    model_state, optim_state = get_state_dict(model, optimizer)  # the shards this rank owns
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
 
 
 def read_state(directory: Path) -> dict[str, Any]:

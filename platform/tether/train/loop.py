@@ -28,6 +28,7 @@ import torch
 from tether.anchor import (
     add_anchor_grad_,
     drift_report,
+    local_part,
     num_anchored_tensors,
     pull_toward_anchor_,
     weights_hash,
@@ -45,8 +46,16 @@ from tether.train.checkpoint import (
     save_training_state,
 )
 from tether.train.inputs import WorkerInputs
-from tether.train.setup import Setup, TrainStats, base_lr, resolve_strength, set_up
-from tether.train.strategy import DataParallel, Strategy
+from tether.train.setup import (
+    Setup,
+    TrainStats,
+    base_lr,
+    build_model,
+    resolve_precision,
+    resolve_strength,
+    set_up,
+)
+from tether.train.strategy import Strategy, make_strategy
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -61,8 +70,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not inputs.verbose:
         _quiet_libraries()
     ctx = ray.train.get_context()
-    strategy = DataParallel(
-        ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+    device = ray.train.torch.get_device()
+    strategy = make_strategy(
+        spec.scaling.strategy,
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        device,
+        resolve_precision(spec.train.precision, device),
     )
     torch.set_num_threads(spec.train.num_threads or max(1, int(spec.scaling.cpus_per_worker)))
     torch.manual_seed(spec.train.seed)  # same head init everywhere; DDP broadcasts rank 0's anyway
@@ -198,7 +212,7 @@ def anchored_clipped_gradient_(
 
 @torch.no_grad()
 def scale_gradients_(params: list[torch.Tensor], factor: float) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [local_part(p.grad) for p in params if p.grad is not None]
     if grads and factor != 1.0:
         torch._foreach_mul_(grads, factor)
 
@@ -219,8 +233,11 @@ def scaled_optimizer_step(scaler: torch.amp.GradScaler, optimizer) -> bool:
 
 
 def drift_metrics(run: Setup) -> dict[str, float]:
+    """The anchor's drift and penalty (every rank calls it: FSDP all-reduces the sums), and
+    the bytes θ* takes on this rank (1/world of the total under FSDP)."""
     report = drift_report(run.anchor)
-    return {("train/" + k if not k.startswith("drift/") else k): v for k, v in report.items()}
+    out = {("train/" + k if not k.startswith("drift/") else k): v for k, v in report.items()}
+    return out | {"train/anchor_bytes": float(run.anchor.num_bytes if run.anchor else 0)}
 
 
 @torch.no_grad()
@@ -275,9 +292,10 @@ def extra_evaluation(
 
     with torch.no_grad():
         metrics = task.extra_metrics(net, run.tokenizer, data, score)
-        if strategy.rank == 0 and spec.eval.samples:
+        # a sharded model computes only with every rank: all generate, rank 0 logs
+        if spec.eval.samples and (strategy.rank == 0 or strategy.sharded):
             rows = task.samples(net, run.tokenizer, data.validation, spec.eval.samples)
-            if rows:
+            if rows and strategy.rank == 0:
                 tracker.log_table(
                     [r | {"step": step} for r in rows], f"samples/step_{step:06d}.json"
                 )
@@ -326,9 +344,10 @@ def report(
 
     net = strategy.unwrap(run.model)
     # DDP replicas must never diverge: compare the weights' hashes across ranks
-    # only what trains can diverge (a LoRA run's frozen base cannot); one worker has no peer
+    # only what trains can diverge (a LoRA run's frozen base cannot); one worker has no peer,
+    # and FSDP's ranks hold different shards, not replicas
     trained = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    digest = weights_hash(trained) if strategy.world > 1 else None
+    digest = weights_hash(trained) if strategy.world > 1 and not strategy.sharded else None
     if digest is not None and not strategy.replicas_agree(digest):
         raise RuntimeError(f"step {metrics['step']}: DDP replicas hold different weights")
     anchor_identity = {
@@ -348,6 +367,7 @@ def report(
         "metrics": metrics,
         "anchor": anchor_identity,
         "world_size": strategy.world,
+        "strategy": spec.scaling.strategy,
         "weights_sha256": digest,  # every rank's, compared above; each also writes its own
     }
     name = checkpoint_name(metrics["step"])
@@ -356,13 +376,17 @@ def report(
     else:
         directory = Path(tempfile.mkdtemp(prefix="tether-ckpt-"))
     worker = worker_identity() | {"weights_sha256": digest}
-    save_training_state(directory, strategy.rank, net, run.optimizer, state, worker)
-    if final and strategy.rank == 0:
-        tokenizer = task.load_tokenizer(
-            run.tokenizer_source, spec.model.revision, spec.model.trust_remote_code
-        )
-        card = model_card(spec.name, task.card(), task, anchor_identity, metrics)
-        export_hf_model(net, tokenizer, spec.to_dict(), card, directory / HF_MODEL_DIR)
+    save_training_state(
+        directory, strategy.rank, net, run.optimizer, state, worker, sharded=strategy.sharded
+    )
+    if final:  # FSDP gathers the whole model to rank 0 first (every rank takes part)
+        whole = strategy.full_model(net, lambda: build_model(spec, task, run.tokenizer_source)[0])
+        if whole is not None:
+            tokenizer = task.load_tokenizer(
+                run.tokenizer_source, spec.model.revision, spec.model.trust_remote_code
+            )
+            card = model_card(spec.name, task.card(), task, anchor_identity, metrics)
+            export_hf_model(whole, tokenizer, spec.to_dict(), card, directory / HF_MODEL_DIR)
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(str(directory)),

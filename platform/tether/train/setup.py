@@ -92,7 +92,7 @@ def resolve_strength(spec: JobSpec, num_examples: int) -> JobSpec:
 class Setup:
     """One worker's model, anchor and optimizer state, ready for the first (or next) step."""
 
-    model: torch.nn.Module  # wrapped by the strategy (DDP)
+    model: torch.nn.Module  # as the strategy runs it (DDP-wrapped, or FSDP-sharded)
     trainable: list[torch.nn.Parameter]
     pretrained: list[torch.nn.Parameter]  # the anchored ones (all but the new head)
     anchor: Anchor | LowRankAnchor | None
@@ -114,9 +114,12 @@ def set_up(
     model, new_params = build_model(spec, task, source)
     model = model.to(strategy.device)
     if spec.train.gradient_checkpointing:
-        # non-reentrant: works with DDP's no_sync and with frozen inputs
+        # non-reentrant: works with DDP's no_sync, FSDP and frozen inputs
         model.gradient_checkpointing_enable({"use_reentrant": False})
-    anchor, anchored_names, theta_star_hash = build_objective(spec, model, new_params)
+    # θ*'s identity from the whole weights, before FSDP spreads them over the ranks
+    theta_star_hash = theta_star_identity(spec, model, new_params)
+    model = strategy.shard(model)  # FSDP: from here each rank holds its shards of θ
+    anchor, anchored_names = build_objective(spec, model, new_params)
     if spec.train.head_warmup_steps and not any(
         p.requires_grad for n, p in model.named_parameters() if n not in anchored_names
     ):
@@ -151,7 +154,13 @@ def set_up(
     start_step = 0
     if resume_dir is not None:
         state = load_training_state(
-            resume_dir, strategy.rank, model, optimizer, theta_star_hash, strategy.device
+            resume_dir,
+            strategy.rank,
+            model,
+            optimizer,
+            theta_star_hash,
+            strategy.device,
+            sharded=strategy.sharded,
         )
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
@@ -200,20 +209,24 @@ def build_model(spec: JobSpec, task: Task, source: str) -> tuple[torch.nn.Module
     return model, loaded.new_param_names
 
 
+def theta_star_identity(spec: JobSpec, model: torch.nn.Module, new_params: set[str]) -> str:
+    """θ*'s hash: the identity a resume and a registered adapter check. With LoRA θ* is the
+    frozen base, so the hash covers every pretrained weight."""
+    if spec.model.adapter is None:
+        return weights_hash(anchored_parameters(model, new_params))
+    return weights_hash(frozen_base(model, new_params))
+
+
 def build_objective(
     spec: JobSpec, model: torch.nn.Module, new_params: set[str]
-) -> tuple[Anchor | LowRankAnchor | None, set[str], str]:
-    """θ*'s anchor, the names of the anchored parameters (their optimizer group) and θ*'s hash
-    (the identity a resume and a registered adapter check). With LoRA, θ* is the frozen base,
-    so the hash covers every pretrained weight."""
+) -> tuple[Anchor | LowRankAnchor | None, set[str]]:
+    """θ*'s anchor and the names of the anchored parameters (their optimizer group)."""
     o = spec.objective
     if spec.model.adapter is None:
         anchored = anchored_parameters(model, new_params)
-        anchor = build_anchor(anchored, o.lam, o.mode, o.anchor_dtype)
-        return anchor, {n for n, _ in anchored}, weights_hash(anchored)
-    theta_star_hash = weights_hash(frozen_base(model, new_params))
+        return build_anchor(anchored, o.lam, o.mode, o.anchor_dtype), {n for n, _ in anchored}
     anchor = lora_anchor(model, new_params, o.lam, o.mode, o.anchor_dtype)
-    return anchor, lora_anchored_names(model, new_params), theta_star_hash
+    return anchor, lora_anchored_names(model, new_params)
 
 
 # --------------------------------------------------------------------------- optimizer pieces
