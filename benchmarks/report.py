@@ -657,14 +657,46 @@ def render_gpu(d: dict[str, Any]) -> str:
         ]
         for r in d["results"]
     ]
-    return (
+    parts = [
         f"Device: {m.get('gpu', m.get('device', '?'))} (CUDA {m.get('cuda', '?')}); batch "
         f"{s['batch_size']}×{s['seq_len']} random tokens, {s['steps']} timed steps after "
-        f"{s['warmup']}, λ={s['lam']}, 1 worker.\n\n"
-        + md_table(
-            ["model", "precision", "mode", "samples/s", "ms/step", "overhead %", "peak GiB"], rows
+        f"{s['warmup']}, λ={s['lam']}, 1 worker."
+    ]
+    if rows:
+        parts.append(
+            md_table(
+                ["model", "precision", "mode", "samples/s", "ms/step", "overhead %", "peak GiB"],
+                rows,
+            )
         )
-    )
+    llm = d.get("causal_lm") or []
+    if llm:
+        parts.append(
+            f"Causal LM ({llm[0]['model']}, {llm[0]['batch_size']}×{llm[0]['seq_len']} tokens "
+            "per step), DDP (world 1) vs FSDP2 (world 1), full fine-tuning:"
+        )
+        parts.append(
+            md_table(
+                ["strategy", "precision", "mode", "tokens/s", "ms/step", "overhead %"]
+                + ["peak GiB", "anchor MiB"],
+                [
+                    [
+                        r["strategy"],
+                        r["precision"],
+                        r["mode"],
+                        f"{r['tokens_per_s']:.0f}",
+                        f"{r['step_ms_median']:.1f}",
+                        "–" if r.get("overhead_pct") is None else f"{r['overhead_pct']:+.1f}",
+                        "–"
+                        if r.get("peak_memory_bytes") is None
+                        else f"{r['peak_memory_bytes'] / 2**30:.2f}",
+                        f"{r['anchor_bytes'] / 2**20:.0f}",
+                    ]
+                    for r in llm
+                ],
+            )
+        )
+    return "\n\n".join(parts)
 
 
 def render_generic(d: dict[str, Any]) -> str:

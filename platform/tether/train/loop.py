@@ -79,7 +79,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         resolve_precision(spec.train.precision, device),
     )
     torch.set_num_threads(spec.train.num_threads or max(1, int(spec.scaling.cpus_per_worker)))
-    torch.manual_seed(spec.train.seed)  # same head init everywhere; DDP broadcasts rank 0's anyway
+    # the same new head on every rank: FSDP keeps each rank's own slice of it (DDP would
+    # broadcast rank 0's anyway)
+    torch.manual_seed(spec.train.seed)
     task = build_task(spec, data.label_names)
     with _resume_dir(inputs) as resume_dir:
         run = set_up(spec, task, data, strategy, resume_dir)
@@ -167,7 +169,7 @@ def optimizer_step(
     for i, indices in enumerate(micro_batches):
         batch = _to(data.train.collate(indices, data.pad_id), strategy.device)
         last = i == len(micro_batches) - 1
-        # in DDP only the last micro-batch needs to all-reduce gradients
+        # only the last micro-batch needs to all-reduce (DDP) / reduce-scatter (FSDP) gradients
         with strategy.no_sync(model, enabled=not last):
             with run.autocast:
                 fine_loss_sum, n = task.loss(model, batch)
@@ -176,7 +178,7 @@ def optimizer_step(
         stats.add_batch(fine_loss_sum, n, len(indices))
 
     scaler.unscale_(optimizer)
-    # DDP averaged the workers' summed gradients: make it the mean over all labelled units
+    # DDP/FSDP averaged the workers' summed gradients: make it the mean over all labelled units
     total_units = float(strategy.all_reduce_sum(units.cpu()))
     scale_gradients_(run.trainable, strategy.world / max(total_units, 1.0))
     if probing:
