@@ -22,6 +22,8 @@ is removed once its last running request finishes. No Ray here: the Serve replic
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import itertools
 import re
 import threading
@@ -129,6 +131,8 @@ class LoadedAdapter:
     retired: bool = False
     removed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    predictor: Any = None  # /v1/predict tasks: the adapter's own predictor (head, labels)
+    served: Any = None  # ... and it with its identity (a tether.serving.model.ServedModel)
 
     @property
     def name(self) -> str:
@@ -170,14 +174,19 @@ class AdapterPool:
     forward pass, injecting or removing an adapter) runs there, so they never overlap.
     """
 
+    task_name = "causal-lm"  # the task every adapter here must have been trained for
+
     def __init__(self, base, executor=None):
         from tether.anchor import weights_hash
 
         self.base = base  # tasks.causal_serving.GenerativeModel: tokenizer, model, eos ...
-        self.model = base.model  # a PeftModel once the first adapter is loaded
-        self.executor = executor
         # θ*'s identity as training records it (every weight by name, in fp32)
-        self.base_sha256 = weights_hash(base.model.named_parameters())
+        self._start(base.model, weights_hash(base.model.named_parameters()), executor)
+
+    def _start(self, model, base_sha256: str, executor) -> None:
+        self.model = model  # a PeftModel once the first adapter is loaded
+        self.executor = executor
+        self.base_sha256 = base_sha256
         self.names = itertools.count()
         self.loaded: dict[str, LoadedAdapter] = {}  # peft name → adapter
         self.counters = {"base_loads": 1, "adapter_loads": 0, "adapter_unloads": 0}
@@ -213,8 +222,10 @@ class AdapterPool:
         """The adapter's θ* must be this base, or its factors would be added to other weights."""
         objective = card.get("objective") or {}
         recorded = objective.get("theta_star_sha256")
-        if card.get("task") not in (None, "causal-lm"):
-            raise AdapterMismatch(f"model {model_id!r} is a {card['task']} adapter, not causal-lm")
+        if card.get("task", self.task_name) != self.task_name:
+            raise AdapterMismatch(
+                f"model {model_id!r} is a {card['task']} adapter, not {self.task_name}"
+            )
         if recorded is None:
             raise AdapterMismatch(
                 f"model {model_id!r}: {folder} records no base identity "
@@ -253,6 +264,7 @@ class AdapterPool:
         except RuntimeError:  # the engine was retired: its model goes with it
             pass
 
+    @torch.inference_mode()  # the factors were made under it: peft's bookkeeping touches them
     def _remove(self, adapter: LoadedAdapter) -> None:
         if self.loaded.pop(adapter.peft_name, None) is None:
             return
@@ -268,3 +280,246 @@ class AdapterPool:
         return dict(self.counters) | {
             "adapters_loaded": sorted(a.model_id for a in self.loaded.values())
         }
+
+
+# --------------------------------------------------------------------------- /v1/predict tasks
+
+
+class HeadAdapterPool(AdapterPool):
+    """Adapters for the /v1/predict tasks (classifiers, taggers) on one base encoder.
+
+    Each adapter carries its own head and label set (peft's ``modules_to_save``), so two
+    adapters may predict different labels, even a different number of them. Rows of different
+    adapters cannot share a forward pass (their heads differ in shape): the replica groups a
+    batch by adapter, and each group runs with its adapter active. A request without an
+    adapter goes to the base's own head when the base is a tether-trained model of the same
+    task (its card names the labels); a pretrained base has no head to answer with.
+    """
+
+    def __init__(self, task_name: str, base_dir: Path, max_batch_tokens: int, executor=None):
+        from tether.anchor import weights_hash
+        from tether.serving.model import base_card
+        from tether.tasks import task_class, task_for_card
+
+        self.task_name = task_name
+        self.base_dir = Path(base_dir)
+        self.base_card = base_card(self.base_dir, task_name)
+        self.has_head = bool(self.base_card.get("label_names"))
+        task = task_for_card(self.base_card) if self.has_head else task_class(task_name)()
+        loaded = task.load_model(str(base_dir), None, False)
+        model = loaded.model.eval()
+        self.tokenizer = task.load_tokenizer(str(base_dir), None, False)
+        self.max_batch_tokens = max_batch_tokens
+        # θ* as a LoRA run records it: every pretrained weight, without the new head (a
+        # tether-trained base has none: the adapters trained on it kept its head)
+        backbone = [(n, p) for n, p in model.named_parameters() if n not in loaded.new_param_names]
+        self._start(model, weights_hash(backbone), executor)
+
+    def forward(self, peft_name: str | None, **inputs):
+        """The model with one adapter's factors and head (None: the base's own modules), on
+        the replica's one inference thread like every change to the modules. Named per row
+        (peft's ``adapter_names``), so no adapter is ever "active" between calls."""
+        if not self.loaded_any:
+            return self.model(**inputs)
+        rows = len(inputs["input_ids"])
+        return self.model(adapter_names=[peft_name or BASE] * rows, **inputs)
+
+    async def load(self, source: AdapterSource, folder: Path) -> LoadedAdapter:
+        """Load the adapter; its ``served`` model answers /v1/predict with its own labels."""
+        from tether.serving.model import describe_served
+
+        adapter = await super().load(source, folder)
+        adapter.served = describe_served(
+            adapter.predictor,
+            adapter_folder(Path(folder)),
+            adapter.card,
+            source.model_uri,
+            name=source.model_id,
+        )
+        return adapter
+
+    def describe_base(self, model_uri: str | None = None, alias: str | None = None):
+        """The base as a served model (its head, or none: then it lists no labels)."""
+        import dataclasses
+
+        from tether.serving.model import describe_served
+
+        served = describe_served(
+            self.base_predictor(), self.base_dir, self.base_card, model_uri, alias
+        )
+        if not self.has_head:
+            served.info = dataclasses.replace(served.info, label_names=[])
+        return served
+
+    def base_predictor(self):
+        """The base's own predictor (its head and labels); for a pretrained base, one on the
+        placeholder head the task model was built with (requests never reach it)."""
+        from tether.tasks import task_class, task_for_card
+        from tether.tasks.predict import Preloaded
+
+        task = task_for_card(self.base_card) if self.has_head else task_class(self.task_name)()
+        view = AdapterView(self, None, self.model.config)
+        return task.predictor(
+            Preloaded(self.tokenizer, view), self.base_card, self.max_batch_tokens
+        )
+
+    @torch.inference_mode()
+    def _inject(self, adapter: LoadedAdapter, folder: Path) -> None:
+        from tether.tasks import task_for_card
+        from tether.tasks.predict import Preloaded
+
+        labels = list(adapter.card.get("label_names") or [])
+        if not labels:
+            raise AdapterMismatch(f"model {adapter.model_id!r}: its card names no label_names")
+        with heads_sized_for(self.model, folder):
+            super()._inject(adapter, folder)
+        config = copy.deepcopy(self.model.config)
+        config.num_labels = len(labels)
+        view = AdapterView(self, adapter.peft_name, config)
+        adapter.predictor = task_for_card(adapter.card).predictor(
+            Preloaded(self.tokenizer, view), adapter.card, self.max_batch_tokens
+        )
+
+
+    @torch.inference_mode()
+    def _remove(self, adapter: LoadedAdapter) -> None:
+        """As for any pool; when the last adapter goes, peft's unload would leave one
+        adapter's head in place of the base's: the base's own head is put back."""
+        from peft.utils import ModulesToSaveWrapper
+
+        last = list(self.loaded) == [adapter.peft_name]
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else None
+        originals = {
+            path: module.original_module
+            for path, module in (base.named_modules() if last and base is not None else ())
+            if isinstance(module, ModulesToSaveWrapper)
+        }
+        super()._remove(adapter)
+        for path, original in originals.items():
+            _set_submodule(self.model, path, original)
+
+
+@dataclass(eq=False)
+class AdapterView:
+    """What a predictor calls its model: the pool's base with one adapter active."""
+
+    pool: HeadAdapterPool
+    peft_name: str | None
+    config: Any
+
+    def __call__(self, **inputs):
+        return self.pool.forward(self.peft_name, **inputs)
+
+
+@contextlib.contextmanager
+def heads_sized_for(model: torch.nn.Module, folder: Path):
+    """The modules the adapter trains in full (its head), for the duration, replaced by copies
+    shaped like the adapter's saved weights.
+
+    peft gives each adapter its own copy of every ``modules_to_save`` module, then loads the
+    adapter's weights into the copy: the copy must have the adapter's shape (its number of
+    labels), whatever the base's own head has. The base's own modules are put back after."""
+    from peft.utils import ModulesToSaveWrapper
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = saved_shapes(folder)
+    swapped = []
+    for path, module in list(base.named_modules()):
+        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        wanted = {
+            name.removeprefix(path + "."): shape
+            for name, shape in saved.items()
+            if name.startswith(path + ".") and "." not in name.removeprefix(path + ".")
+        }
+        if not isinstance(original, torch.nn.Linear) or "weight" not in wanted:
+            continue
+        if tuple(original.weight.shape) == wanted["weight"]:
+            continue
+        out_features, in_features = wanted["weight"]
+        sized = torch.nn.Linear(in_features, out_features, bias="bias" in wanted)
+        swapped.append((path, original))
+        if isinstance(module, ModulesToSaveWrapper):
+            module.original_module = sized
+        else:
+            _set_submodule(base, path, sized)
+    try:
+        yield
+    finally:
+        for path, original in swapped:
+            now = base.get_submodule(path)
+            if isinstance(now, ModulesToSaveWrapper):
+                now.original_module = original
+            else:
+                _set_submodule(base, path, original)
+
+
+def saved_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the fully trained weights an adapter folder holds, by their name in the base
+    model ('classifier.weight'), read from the file header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    with safe_open(str(Path(folder) / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if ".lora_" not in key:
+                shapes[key.removeprefix("base_model.model.")] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+# --------------------------------------------------------------------------- the request edge
+
+
+async def adapter_for_request(catalog: AdapterCatalog, get_adapter, model_id: str, param: str):
+    """The loaded adapter for ``model_id`` through the replica's multiplexed loader, or the
+    RequestError the client gets: 404 for an id not served here, 400 for another base."""
+    from tether.serving.contract import RequestError
+
+    try:
+        catalog.locate(model_id)  # unknown ids are refused before any loading
+        return await get_adapter(model_id)
+    except UnknownAdapter as e:
+        raise RequestError(404, "model_not_found", str(e), param) from None
+    except (AdapterMismatch, ValueError) as e:  # another base; not a LoRA version
+        raise RequestError(400, "model_not_compatible", str(e), param) from None
+    except FileNotFoundError as e:
+        raise RequestError(404, "model_not_found", f"model {model_id!r}: {e}", param) from None
+    except Exception as e:
+        if _registry_missing(e):
+            raise RequestError(
+                404, "model_not_found", f"model {model_id!r} is not registered", param
+            ) from None
+        raise
+
+
+def fetch_adapter(source: AdapterSource, tracking_uri: str | None) -> Path:
+    """The adapter's folder on this node: a configured folder, or the registered version's
+    adapter/ downloaded (not its merged weights)."""
+    if source.folder is not None:
+        return Path(source.folder)
+    from tether.registry import fetch_adapter_dir
+
+    return fetch_adapter_dir(source.model_uri, tracking_uri)
+
+
+async def load_adapter(pool: AdapterPool, catalog: AdapterCatalog, model_id: str, tracking_uri):
+    """Locate, fetch (off the event loop) and load one adapter into ``pool``; a registry
+    download is deleted once its weights are in memory."""
+    source = catalog.locate(model_id)
+    folder = await asyncio.to_thread(fetch_adapter, source, tracking_uri)
+    try:
+        return await pool.load(source, folder)
+    finally:
+        if source.model_uri is not None:
+            from tether.registry import discard_download
+
+            discard_download(folder)
+
+
+def _registry_missing(error: Exception) -> bool:
+    """MLflow's "no such registered model / version / alias"."""
+    return getattr(error, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")

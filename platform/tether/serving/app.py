@@ -40,6 +40,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from tether.card import read_card
+from tether.serving.adapters import (
+    AdapterCatalog,
+    HeadAdapterPool,
+    adapter_for_request,
+    load_adapter,
+)
 from tether.serving.contract import (
     ERROR_RESPONSES,
     RequestError,
@@ -66,6 +72,9 @@ from tether.tasks import TASKS, task_class
 from tether.tasks.predict import DEFAULT_MAX_BATCH_TOKENS
 
 API_KEY_ENV = "TETHER_API_KEY"
+# Serve's model multiplexing header: it picks the adapter, and Serve routes the request to a
+# replica that holds it already
+ADAPTER_HEADER = "serve_multiplexed_model_id"
 logger = logging.getLogger("ray.serve")
 
 
@@ -290,6 +299,9 @@ class Replica:
         self.api_key_sha256 = key_sha256.lower() if key_sha256 else None
         self.model: ServedModel | None = None
         self.source: ModelSource | None = None
+        # many LoRA adapters on one base (user_config.adapters): the base and its adapters
+        self.pool: HeadAdapterPool | None = None
+        self.catalog: AdapterCatalog | None = None
         self.faults = injected_faults()
         threads = replica_threads()
         # one inference thread: forward passes run one at a time, off the event loop, so
@@ -300,8 +312,20 @@ class Replica:
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the model user_config names, then swap it in with one assignment."""
         source = ModelSource.from_user_config(user_config)
+        catalog = AdapterCatalog.from_config(source.adapters)
         if self.model is not None and _same_model(self.source, source):
-            self.source = source  # only the test knobs changed
+            self.source, self.catalog = source, catalog  # the allowed adapters may change
+            return
+        if self.pool is not None:
+            # loaded adapters belong to this base (Serve's LRU holds them): a new base is a
+            # new application, not a hot swap
+            raise ValueError(
+                "user_config: the base of an adapter deployment cannot be swapped in place; "
+                "deploy a new application"
+            )
+        if catalog is not None:
+            self.pool = await asyncio.to_thread(self._load_base, source)
+            self.model, self.source, self.catalog = self.pool.describe_base(), source, catalog
             return
         model = await asyncio.to_thread(self._load, source)  # the old model keeps serving
         # the swap: one assignment; in-flight requests hold their own reference to the old one
@@ -313,10 +337,46 @@ class Replica:
     def _load(self, source: ModelSource) -> ServedModel:
         return load_source(source, self.task, self.max_batch_tokens)
 
+    def _load_base(self, source: ModelSource) -> HeadAdapterPool:
+        """A base for adapters; injections run on the inference thread, between batches."""
+        model_dir = resolve_model_dir(
+            source.model_dir, source.model_uri, source.tracking_uri, need_card=False
+        )
+        return HeadAdapterPool(self.task, model_dir, self.max_batch_tokens, self.inference)
+
     def loaded_model(self) -> ServedModel:
         if self.model is None:
             raise RequestError(503, "model_not_loaded", "no model is loaded yet")
         return self.model
+
+    def base_for(self, model_id: str) -> ServedModel | None:
+        """The served model itself when ``model_id`` (the multiplexing header) names nothing
+        else; None when it names an adapter to load."""
+        model = self.loaded_model()
+        info = model.info
+        names = {info.name, info.model_uri}
+        if info.version:
+            names.add(f"{info.name}/{info.version}")
+        if info.alias:
+            names.add(f"{info.name}@{info.alias}")
+        if model_id and model_id not in names:
+            if self.catalog is None:
+                raise RequestError(
+                    404,
+                    "model_not_found",
+                    f"model {model_id!r} is not served here (serving {info.name!r})",
+                    ADAPTER_HEADER,
+                )
+            return None
+        if self.pool is not None and not self.pool.has_head:
+            raise RequestError(
+                400,
+                "model_required",
+                f"{info.name} is a pretrained base without a head: name an adapter in the "
+                f"{ADAPTER_HEADER} header ({self.catalog.describe()})",
+                ADAPTER_HEADER,
+            )
+        return model
 
     async def read_items(self, request: Request) -> list[Any]:
         """Auth, content type, size, JSON, schema: the request's items, or a RequestError."""
@@ -343,8 +403,6 @@ def load_source(
 
     A base serving adapters may be a pretrained folder without a tether card."""
     is_base = source.adapters is not None
-    if is_base and not getattr(task_class(task), "generates", False):
-        raise ValueError(f"user_config.adapters: adapters are served for causal-lm, not {task}")
     model_dir = resolve_model_dir(
         source.model_dir, source.model_uri, source.tracking_uri, need_card=not is_base
     )
@@ -410,6 +468,32 @@ def make_deployment(args: AppArgs):
             if self.replica.model is None:
                 raise RuntimeError("no model loaded: set user_config.model_dir or model_uri")
 
+        @serve.multiplexed(max_num_models_per_replica=args.max_adapters)
+        async def get_adapter(self, model_id: str):
+            """One adapter on this replica's base (Serve keeps the last ``max_adapters``)."""
+            replica = self.replica
+            return await load_adapter(
+                replica.pool, replica.catalog, model_id, replica.source.tracking_uri
+            )
+
+        async def _served(self):
+            """The model the request asks for (its multiplexing header) and, for an adapter,
+            the adapter itself, acquired: release it when the request is done."""
+            model_id = serve.get_multiplexed_model_id()
+            base = self.replica.base_for(model_id)
+            if base is not None:
+                return base, None
+            for attempt in range(3):
+                adapter = await adapter_for_request(
+                    self.replica.catalog, self.get_adapter, model_id, ADAPTER_HEADER
+                )
+                try:
+                    adapter.acquire()
+                    return adapter.served, adapter
+                except RuntimeError:  # unloaded by the LRU in between: load it again
+                    if attempt == 2:
+                        raise
+
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
         async def predict_batch(self, items: list[BatchItem]) -> list[BatchResult]:
             """One forward pass per model present (two only while a swap is in progress)."""
@@ -433,9 +517,10 @@ def make_deployment(args: AppArgs):
         async def predict(self, request: Request) -> JSONResponse:
             """The task's predictions for the request's items; errors as in the table."""
             request_id = _request_id(request)
+            adapter = None
             try:
                 items = await self.replica.read_items(request)
-                model = self.replica.loaded_model()
+                model, adapter = await self._served()
                 results = await asyncio.gather(
                     *(self.predict_batch(BatchItem(i, model)) for i in items)
                 )
@@ -453,6 +538,9 @@ def make_deployment(args: AppArgs):
                 )
             except Exception:
                 return _internal_error(request_id)
+            finally:
+                if adapter is not None:
+                    adapter.release()
 
         @api.get("/v1/model", response_model=ModelInfoResponse, responses=ERROR_RESPONSES)
         async def model_info(self, request: Request) -> JSONResponse:

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     source.add_argument("--model-uri", help="a registered model, e.g. models:/NAME@champion")
     source.add_argument(
         "--base",
-        help="a pretrained causal LM (packaged:NAME, a folder, a hub id) serving LoRA adapters",
+        help="a pretrained model (packaged:NAME, a folder, a hub id) serving LoRA adapters: "
+        "a causal LM, or an encoder whose adapters are classifiers or taggers",
     )
     p.add_argument(
         "--adapter",
@@ -209,6 +210,7 @@ def resolve_user_config(args: argparse.Namespace) -> dict:
     from tether.serving.model import (
         ModelSourceError,
         base_card,
+        card_task,
         load_served_model,
         resolve_model_dir,
     )
@@ -231,9 +233,14 @@ def resolve_user_config(args: argparse.Namespace) -> dict:
             tracking_uri,
             need_card=adapters is None,
         )
-    card = base_card(model_dir) if adapters is not None else None
+    card = base_card(model_dir, adapters_task(adapters)) if adapters is not None else None
     try:
-        load_served_model(model_dir, args.model_uri, quantize=args.quantize, card=card)
+        if card is not None and not generates(card_task(model_dir, card)):
+            from tether.serving.adapters import HeadAdapterPool
+
+            HeadAdapterPool(card_task(model_dir, card), model_dir, max_batch_tokens=1)
+        else:
+            load_served_model(model_dir, args.model_uri, quantize=args.quantize, card=card)
     except Exception as e:
         raise ModelSourceError(f"{model_dir} does not load: {type(e).__name__}: {e}") from e
     config = model_user_config(
@@ -273,13 +280,30 @@ def adapter_config(args: argparse.Namespace) -> dict | None:
 
 
 def served_task(user_config: dict) -> str:
-    """The task of the served model (a base serving adapters is a causal LM)."""
+    """The task of the served model (a base serving adapters: its adapters' task)."""
     from tether.serving.model import base_card, card_task
 
     model_dir = Path(user_config["model_dir"])
-    if user_config.get("adapters") is not None:
-        return card_task(model_dir, base_card(model_dir))
+    adapters = user_config.get("adapters")
+    if adapters is not None:
+        return card_task(model_dir, base_card(model_dir, adapters_task(adapters)))
     return card_task(model_dir)
+
+
+def adapters_task(adapters: dict) -> str:
+    """The task the configured adapter folders were trained for (they must agree); a causal LM
+    when only registered names are given and the base has no card to say otherwise."""
+    from tether.card import read_card
+    from tether.serving.adapters import adapter_folder
+
+    tasks = {
+        model_id: read_card(adapter_folder(Path(folder))).get("task", "causal-lm")
+        for model_id, folder in (adapters.get("dirs") or {}).items()
+        if (adapter_folder(Path(folder)) / "tether.json").is_file()
+    }
+    if len(set(tasks.values())) > 1:
+        raise ValueError(f"--adapter: adapters of different tasks cannot share a base: {tasks}")
+    return next(iter(tasks.values()), "causal-lm")
 
 
 # --------------------------------------------------------------------------- serving

@@ -207,21 +207,35 @@ def load_served_model(
     check_model_dir(model_dir, need_card=card is None)
     card = card if card is not None else read_card(model_dir)
     card_task(model_dir, card)
-    task = task_for_card(card)
-    predictor = task.predictor(model_dir, card, max_batch_tokens, quantize)
-    identity = registry_identity(model_uri, card, default_name=model_dir.name)
+    predictor = task_for_card(card).predictor(model_dir, card, max_batch_tokens, quantize)
+    return describe_served(predictor, model_dir, card, model_uri, alias)
+
+
+def describe_served(
+    predictor,
+    model_dir: Path,
+    card: dict[str, Any],
+    model_uri: str | None = None,
+    alias: str | None = None,
+    name: str | None = None,
+) -> ServedModel:
+    """A loaded predictor with the identity its folder, card and URI give it (``name``: what
+    the client asked for, e.g. an adapter's id)."""
+    identity = registry_identity(model_uri, card, default_name=Path(model_dir).name)
     if alias:
         identity["alias"] = alias
+    if name:
+        identity["name"] = name
     info = ModelInfo(
         **identity,
         model_dir=str(model_dir),
         model_uri=model_uri,
-        task=task.name,
+        task=card.get("task", "sequence-classification"),
         label_names=list(getattr(predictor, "labels", []) or []),
         max_length=predictor.max_length,
         objective=card.get("objective") or {},
         metrics={k: v for k, v in (card.get("metrics") or {}).items() if k.startswith("eval/")},
         step=card.get("step"),
-        weights_sha256=weights_sha256(model_dir),
+        weights_sha256=weights_sha256(Path(model_dir)),
     )
     return ServedModel(predictor, info)

@@ -43,10 +43,9 @@ from starlette.requests import ClientDisconnect
 
 from tether.serving.adapters import (
     AdapterCatalog,
-    AdapterMismatch,
     AdapterPool,
-    AdapterSource,
-    UnknownAdapter,
+    adapter_for_request,
+    load_adapter,
 )
 from tether.serving.contract import (
     RequestError,
@@ -363,35 +362,13 @@ def make_generation_deployment(args):
         @serve.multiplexed(max_num_models_per_replica=args.max_adapters)
         async def get_adapter(self, model_id: str):
             """One adapter on this replica's base (Serve keeps the last ``max_adapters``)."""
-            source = self.catalog.locate(model_id)
-            folder = await asyncio.to_thread(fetch_adapter, source, self.source.tracking_uri)
-            try:
-                return await self.engine.pool.load(source, folder)
-            finally:
-                if source.model_uri is not None:  # its weights are in memory now
-                    from tether.registry import discard_download
-
-                    discard_download(folder)
+            return await load_adapter(
+                self.engine.pool, self.catalog, model_id, self.source.tracking_uri
+            )
 
         async def _adapter(self, model_id: str):
             """The loaded adapter for ``model_id``, as a RequestError when it cannot be."""
-            try:
-                self.catalog.locate(model_id)  # unknown ids are refused before any loading
-                return await self.get_adapter(model_id)
-            except UnknownAdapter as e:
-                raise RequestError(404, "model_not_found", str(e), "model") from None
-            except (AdapterMismatch, ValueError) as e:  # another base; not a LoRA version
-                raise RequestError(400, "model_not_compatible", str(e), "model") from None
-            except FileNotFoundError as e:
-                raise RequestError(
-                    404, "model_not_found", f"model {model_id!r}: {e}", "model"
-                ) from None
-            except Exception as e:
-                if _registry_missing(e):
-                    raise RequestError(
-                        404, "model_not_found", f"model {model_id!r} is not registered", "model"
-                    ) from None
-                raise
+            return await adapter_for_request(self.catalog, self.get_adapter, model_id, "model")
 
         def _load(self, source) -> ServedModel:
             from tether.serving.app import load_source
@@ -609,23 +586,6 @@ def make_generation_deployment(args):
             return JSONResponse({"status": "ok", "model": self.model.info.name})
 
     return TetherGenerator
-
-
-def fetch_adapter(source: AdapterSource, tracking_uri: str | None):
-    """The adapter's folder on this node: a configured folder, or the registered version's
-    adapter/ downloaded (not its merged weights)."""
-    from pathlib import Path
-
-    if source.folder is not None:
-        return Path(source.folder)
-    from tether.registry import fetch_adapter_dir
-
-    return fetch_adapter_dir(source.model_uri, tracking_uri)
-
-
-def _registry_missing(error: Exception) -> bool:
-    """MLflow's "no such registered model / version / alias"."""
-    return getattr(error, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
 async def collect(sequence) -> tuple[str, Finished | Failed]:

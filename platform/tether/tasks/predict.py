@@ -10,6 +10,7 @@ the predictor owns everything task-shaped: the request and prediction schemas (s
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -78,8 +79,20 @@ def served_max_length(card: dict[str, Any], tokenizer, config) -> int:
     return int(min(limits))
 
 
+@dataclass(frozen=True)
+class Preloaded:
+    """A tokenizer and a model already in memory, handed to a predictor instead of a folder
+    (a LoRA adapter on a shared base: its model is a view that activates the adapter)."""
+
+    tokenizer: Any
+    model: Any
+
+
 def load_for_inference(task, model_dir, quantize: bool):
-    """Tokenizer and eval-mode model of an exported folder (safetensors, no remote code)."""
+    """Tokenizer and eval-mode model of an exported folder (safetensors, no remote code), or
+    the pair a ``Preloaded`` holds."""
+    if isinstance(model_dir, Preloaded):
+        return model_dir.tokenizer, model_dir.model
     tokenizer = task.load_tokenizer(str(model_dir), None, False)
     model = task.load_model(str(model_dir), None, False).model.eval()
     return tokenizer, (quantize_linear_int8(model) if quantize else model)
