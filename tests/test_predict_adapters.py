@@ -215,3 +215,19 @@ def test_tether_serve_infers_the_task_of_classifier_adapters(tiny_model_dir, ada
     app = yaml.safe_load(capsys.readouterr().out)["applications"][0]
     assert app["args"]["task"] == TASK
     assert app["deployments"][0]["user_config"]["adapters"]["dirs"] == {"two": str(adapters["two"])}
+
+
+def test_a_trained_base_answers_with_its_own_head_and_refuses_adapters_of_another(adapters):
+    """A tether-trained classifier as the base: requests without an adapter get its own head
+    and labels (as its folder serves alone); an adapter trained on the pretrained encoder is
+    not this base's (another θ*) and is refused."""
+    base_dir = adapters["two"]  # the merged export: a classifier with a card and a head
+    pool = HeadAdapterPool(TASK, base_dir, 4096)
+    assert pool.has_head
+    served = pool.describe_base()
+    assert served.info.label_names == ["negative", "positive"]
+    got = [p.model_dump() for p in served.predictor.predict(TEXTS)]
+    assert_same(got, merged_predictions(base_dir))
+    with pytest.raises(AdapterMismatch, match="trained on another base"):
+        folder = adapters["three"]
+        asyncio.run(pool.load(AdapterSource("three", folder=str(folder)), folder))

@@ -380,7 +380,6 @@ class HeadAdapterPool(AdapterPool):
             Preloaded(self.tokenizer, view), adapter.card, self.max_batch_tokens
         )
 
-
     @torch.inference_mode()
     def _remove(self, adapter: LoadedAdapter) -> None:
         """As for any pool; when the last adapter goes, peft's unload would leave one
