@@ -354,12 +354,7 @@ class Replica:
         else; None when it names an adapter to load."""
         model = self.loaded_model()
         info = model.info
-        names = {info.name, info.model_uri}
-        if info.version:
-            names.add(f"{info.name}/{info.version}")
-        if info.alias:
-            names.add(f"{info.name}@{info.alias}")
-        if model_id and model_id not in names:
+        if model_id and model_id not in info.names():
             if self.catalog is None:
                 raise RequestError(
                     404,

@@ -138,6 +138,16 @@ class ModelInfo:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def names(self) -> set[str]:
+        """Every id a client may use for this model: its name, URI, NAME/VERSION, NAME@ALIAS
+        (with or without models:/)."""
+        names = {self.name, self.model_uri}
+        if self.version:
+            names |= {f"{self.name}/{self.version}", f"models:/{self.name}/{self.version}"}
+        if self.alias:
+            names |= {f"{self.name}@{self.alias}", f"models:/{self.name}@{self.alias}"}
+        return names - {None}
+
     def public(self) -> dict[str, Any]:
         """What any caller may see: no server paths (the model folder, a local base model)."""
         out = self.to_dict()

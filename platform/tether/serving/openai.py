@@ -396,12 +396,7 @@ def make_generation_deployment(args):
         async def _check_model(self, model: ServedModel, requested: str | None):
             """The name a response reports and the adapter to decode with (None: the model)."""
             info = model.info
-            names = {info.name, info.model_uri}
-            if info.version:
-                names |= {f"{info.name}/{info.version}", f"models:/{info.name}/{info.version}"}
-            if info.alias:
-                names |= {f"{info.name}@{info.alias}", f"models:/{info.name}@{info.alias}"}
-            if requested is None or requested in names:
+            if requested is None or requested in info.names():
                 return info.name, None
             if self.catalog is None:
                 raise RequestError(
