@@ -115,11 +115,12 @@ def test_theta_star_is_sharded_like_theta(runs):
 
 
 def test_sharded_checkpoint_reshards_and_equals_the_export(runs, tiny_llama_dir):
-    """The final FSDP checkpoint's shards, read by one process, are exactly the exported
-    model's weights (the gathered full state dict): nothing is lost in either form."""
-    import torch.distributed.checkpoint as dcp
+    """The final FSDP checkpoint's shards, read by one process (as a sweep reads a stopped
+    trial's), are exactly the exported model's weights (the gathered full state dict)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
+    from tether.train.checkpoint import load_trained_weights
 
     summary = runs["fsdp", "coupled"].summary
     final = Path(summary["run_dir"]) / checkpoint_name(6)  # the 2-worker run's last
@@ -132,12 +133,13 @@ def test_sharded_checkpoint_reshards_and_equals_the_export(runs, tiny_llama_dir)
     state = read_state(final)
     assert state["strategy"] == "fsdp" and state["weights_sha256"] is None
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    wanted = {"model": model.state_dict()}
-    dcp.load(wanted, checkpoint_id=str(final / SHARDED_DIR))  # no process group: world 1
+    # as a sweep exports a stopped trial's best checkpoint: one process, no process group
+    assert load_trained_weights(model, final) == []
     exported = load_file(str(final / HF_MODEL_DIR / "model.safetensors"))
     assert exported, "the export must hold the weights"
+    weights = model.state_dict()
     for name, tensor in exported.items():
-        assert torch.equal(wanted["model"][name], tensor), name
+        assert torch.equal(weights[name], tensor), name
     card = json.loads((final / HF_MODEL_DIR / "tether.json").read_text())
     assert card["metrics"]["eval/loss"] == pytest.approx(state["metrics"]["eval/loss"])
 
@@ -197,3 +199,20 @@ def test_fsdp_refuses_what_it_cannot_run(tiny_llama_dir, tmp_path, updates, mess
     job = fsdp_job(tiny_llama_dir, tmp_path, "fsdp", OBJECTIVES["coupled"], **updates)
     with pytest.raises((SpecError, ValueError), match=message):
         validate_job(job)
+
+
+def test_the_worker_count_changes_on_resume_only_for_a_run_measured_in_steps(tmp_path):
+    """With train.epochs the steps (schedule, a κ's λ) follow the workers: refused."""
+    from tether.errors import RunIdentityError
+    from tether.run import claim_run_dir
+
+    run_dir = tmp_path / "run"
+    before = {"scaling.num_workers": 2, "train.max_steps": None, "train.epochs": 3}
+    assert claim_run_dir(run_dir, before) == "new"
+    after = before | {"scaling.num_workers": 1}
+    with pytest.raises(RunIdentityError, match="only when the run's length is set in steps"):
+        claim_run_dir(run_dir, after, ("scaling.num_workers",))
+    stepped = tmp_path / "stepped"
+    claim_run_dir(stepped, before | {"train.max_steps": 10})
+    allowed = before | {"train.max_steps": 10, "scaling.num_workers": 1}
+    assert claim_run_dir(stepped, allowed, ("scaling.num_workers",)) == "new"

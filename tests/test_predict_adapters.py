@@ -215,6 +215,9 @@ def test_tether_serve_infers_the_task_of_classifier_adapters(tiny_model_dir, ada
     app = yaml.safe_load(capsys.readouterr().out)["applications"][0]
     assert app["args"]["task"] == TASK
     assert app["deployments"][0]["user_config"]["adapters"]["dirs"] == {"two": str(adapters["two"])}
+    # registered adapters alone do not say their task: an encoder base needs one folder
+    assert main([*args, "--adapters-from", "reviews"]) == 2
+    assert "is not a causal LM" in capsys.readouterr().err
 
 
 def test_a_trained_base_answers_with_its_own_head_and_refuses_adapters_of_another(adapters):

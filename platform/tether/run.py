@@ -216,6 +216,13 @@ def claim_run_dir(
         return "new"
     saved = json.loads(record.read_text())["identity"]
     changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if "scaling.num_workers" in changed and identity.get("train.max_steps") is None:
+        # with epochs, the run's length in steps (its schedule, a κ's λ) follows the workers
+        raise RunIdentityError(
+            f"run {run_dir.name}: the worker count can change on resume only when the run's "
+            "length is set in steps (train.max_steps); with train.epochs the schedule would "
+            "be recomputed mid-run"
+        )
     refused = [k for k in changed if k not in allow_changes]
     if refused:
         lines = "; ".join(f"{k}: {saved.get(k)!r} → {identity.get(k)!r}" for k in refused[:8])
@@ -492,19 +499,22 @@ def export_checkpoint(spec: JobSpec, task: Task, checkpoint: Path, out_dir: Path
     For a sweep's best trial whose best evaluation is not its final one: the final
     checkpoint is the only one a run exports itself.
     """
-    from safetensors.torch import load_model
-
-    from tether.train.checkpoint import MODEL_FILE, export_hf_model, model_card, read_state
+    from tether.train.checkpoint import (
+        export_hf_model,
+        load_trained_weights,
+        model_card,
+        read_state,
+    )
     from tether.train.setup import build_model
 
     source = resolve_model_source(spec.model.name, spec.storage.path)
     model, _ = build_model(spec, task, source)  # with its adapter, so the checkpoint fits
-    missing, unexpected = load_model(model, str(checkpoint / MODEL_FILE), strict=False)
+    missing = load_trained_weights(model, checkpoint)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    if unexpected or [k for k in missing if k in trained]:
+    if [k for k in missing if k in trained]:
         raise RuntimeError(
             f"checkpoint {checkpoint} does not fit the job's model "
-            f"(unexpected {unexpected[:3]}, missing {[k for k in missing if k in trained][:3]})"
+            f"(missing {[k for k in missing if k in trained][:3]})"
         )
     tokenizer = task.load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code)
     state = read_state(checkpoint)

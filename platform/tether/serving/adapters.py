@@ -15,8 +15,9 @@ model's offline answer (within fp32 rounding) while the base is held once.
 Loading and unloading change the model's modules, so they run on the engine's one model
 thread, between two steps: a load holds other requests back for the injection only (the
 download and the file read happen before, off that thread). An adapter that Serve's LRU evicts
-is removed once its last running request finishes. No Ray here: the Serve replica
-(``tether.serving.openai``) wires this to ``@serve.multiplexed``.
+is removed once its last running request finishes. No Ray here: the Serve replicas
+(``tether.serving.openai`` for generation, ``tether.serving.app`` for /v1/predict with
+``HeadAdapterPool``) wire this to ``@serve.multiplexed``.
 """
 
 from __future__ import annotations
@@ -299,21 +300,25 @@ class HeadAdapterPool(AdapterPool):
     def __init__(self, task_name: str, base_dir: Path, max_batch_tokens: int, executor=None):
         from tether.anchor import weights_hash
         from tether.serving.model import base_card
-        from tether.tasks import task_class, task_for_card
 
         self.task_name = task_name
         self.base_dir = Path(base_dir)
         self.base_card = base_card(self.base_dir, task_name)
         self.has_head = bool(self.base_card.get("label_names"))
-        task = task_for_card(self.base_card) if self.has_head else task_class(task_name)()
-        loaded = task.load_model(str(base_dir), None, False)
+        loaded = self.base_task().load_model(str(base_dir), None, False)
         model = loaded.model.eval()
-        self.tokenizer = task.load_tokenizer(str(base_dir), None, False)
+        self.tokenizer = self.base_task().load_tokenizer(str(base_dir), None, False)
         self.max_batch_tokens = max_batch_tokens
         # θ* as a LoRA run records it: every pretrained weight, without the new head (a
         # tether-trained base has none: the adapters trained on it kept its head)
         backbone = [(n, p) for n, p in model.named_parameters() if n not in loaded.new_param_names]
         self._start(model, weights_hash(backbone), executor)
+
+    def base_task(self):
+        """The base's task: with its own labels, or (a pretrained base) with none."""
+        from tether.tasks import task_class, task_for_card
+
+        return task_for_card(self.base_card) if self.has_head else task_class(self.task_name)()
 
     def forward(self, peft_name: str | None, **inputs):
         """The model with one adapter's factors and head (None: the base's own modules), on
@@ -354,12 +359,10 @@ class HeadAdapterPool(AdapterPool):
     def base_predictor(self):
         """The base's own predictor (its head and labels); for a pretrained base, one on the
         placeholder head the task model was built with (requests never reach it)."""
-        from tether.tasks import task_class, task_for_card
         from tether.tasks.predict import Preloaded
 
-        task = task_for_card(self.base_card) if self.has_head else task_class(self.task_name)()
         view = AdapterView(self, None, self.model.config)
-        return task.predictor(
+        return self.base_task().predictor(
             Preloaded(self.tokenizer, view), self.base_card, self.max_batch_tokens
         )
 

@@ -313,6 +313,11 @@ class Replica:
         """Load the model user_config names, then swap it in with one assignment."""
         source = ModelSource.from_user_config(user_config)
         catalog = AdapterCatalog.from_config(source.adapters)
+        if self.model is not None and (catalog is None) != (self.pool is None):
+            raise ValueError(
+                "user_config.adapters: adapters cannot be added to or removed from a running "
+                "deployment (its base is loaded for them, or not); deploy a new application"
+            )
         if self.model is not None and _same_model(self.source, source):
             self.source, self.catalog = source, catalog  # the allowed adapters may change
             return
@@ -325,7 +330,8 @@ class Replica:
             )
         if catalog is not None:
             self.pool = await asyncio.to_thread(self._load_base, source)
-            self.model, self.source, self.catalog = self.pool.describe_base(), source, catalog
+            base = self.pool.describe_base(source.model_uri, source.alias)
+            self.model, self.source, self.catalog = base, source, catalog
             return
         model = await asyncio.to_thread(self._load, source)  # the old model keeps serving
         # the swap: one assignment; in-flight requests hold their own reference to the old one
@@ -339,10 +345,20 @@ class Replica:
 
     def _load_base(self, source: ModelSource) -> HeadAdapterPool:
         """A base for adapters; injections run on the inference thread, between batches."""
+        if source.quantize:
+            raise ValueError("user_config: quantize and adapters do not combine")
         model_dir = resolve_model_dir(
             source.model_dir, source.model_uri, source.tracking_uri, need_card=False
         )
-        return HeadAdapterPool(self.task, model_dir, self.max_batch_tokens, self.inference)
+        found = card_task(model_dir, base_card(model_dir, self.task))
+        if found != self.task:
+            raise ValueError(f"{model_dir} is a {found} model but this app serves {self.task}")
+        pool = HeadAdapterPool(self.task, model_dir, self.max_batch_tokens, self.inference)
+        if source.weights_sha256 and pool.describe_base().info.weights_sha256 != (
+            source.weights_sha256
+        ):
+            raise ValueError(f"{model_dir}: this node holds another copy of the base model")
+        return pool
 
     def loaded_model(self) -> ServedModel:
         if self.model is None:
@@ -491,7 +507,8 @@ def make_deployment(args: AppArgs):
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
         async def predict_batch(self, items: list[BatchItem]) -> list[BatchResult]:
-            """One forward pass per model present (two only while a swap is in progress)."""
+            """One forward pass per model present: two while a swap is in progress, one per
+            adapter when adapters are served (their heads differ)."""
             results: list[BatchResult | None] = [None] * len(items)
             loop = asyncio.get_running_loop()
             for model, indices in _group_by_model(items).items():

@@ -234,6 +234,8 @@ def resolve_user_config(args: argparse.Namespace) -> dict:
             need_card=adapters is None,
         )
     card = base_card(model_dir, adapters_task(adapters)) if adapters is not None else None
+    if card is not None:
+        check_adapters_task(model_dir, card_task(model_dir, card))
     try:
         if card is not None and not generates(card_task(model_dir, card)):
             from tether.serving.adapters import HeadAdapterPool
@@ -304,6 +306,19 @@ def adapters_task(adapters: dict) -> str:
     if len(set(tasks.values())) > 1:
         raise ValueError(f"--adapter: adapters of different tasks cannot share a base: {tasks}")
     return next(iter(tasks.values()), "causal-lm")
+
+
+def check_adapters_task(model_dir: Path, task: str) -> None:
+    """Registered adapters alone do not say their task: a base that is not a causal LM then
+    needs one --adapter folder (whose card does)."""
+    import json
+
+    architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    if task == "causal-lm" and not any(a.endswith("ForCausalLM") for a in architectures):
+        raise ValueError(
+            f"--base {model_dir.name} is not a causal LM ({architectures}): for classifier or "
+            "tagger adapters name at least one with --adapter ID=DIR (its card gives the task)"
+        )
 
 
 # --------------------------------------------------------------------------- serving

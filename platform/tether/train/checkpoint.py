@@ -9,6 +9,7 @@
                            workers (DCP reshards)
       trainer_state.json   step, scheduler state, metrics, anchor identity (base + θ* hash),
                            and that every DDP replica held the same weights when it was written
+                           (FSDP ranks hold different shards: no weights hash)
       rng_rank{r}.pt       each worker's torch RNG (dropout), so a resumed run continues exactly
       worker_rank{r}.json  the node, host and pid each worker ran on
       model/               only in the final checkpoint: the HF model + tokenizer + job.yaml +
@@ -121,6 +122,23 @@ def _load_whole(directory: Path, model, optimizer, device: torch.device) -> None
     optimizer.load_state_dict(
         torch.load(directory / OPTIMIZER_FILE, weights_only=True, map_location=device)
     )
+
+
+def load_trained_weights(model: torch.nn.Module, checkpoint: Path) -> list[str]:
+    """A checkpoint's weights into a whole (unsharded) model in this process, whichever
+    strategy wrote them (an FSDP checkpoint's shards are read without a process group);
+    returns the names the checkpoint did not hold."""
+    if (checkpoint / SHARDED_DIR / ".metadata").is_file():
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR), no_dist=True)
+        model.load_state_dict(state["model"])
+        return []
+    missing, unexpected = load_model(model, str(checkpoint / MODEL_FILE), strict=False)
+    if unexpected:
+        raise RuntimeError(f"checkpoint {checkpoint} does not fit the model: {unexpected[:3]}")
+    return missing
 
 
 def _save_sharded(directory: Path, model, optimizer) -> None:

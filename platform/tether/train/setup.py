@@ -112,7 +112,8 @@ def set_up(
 ) -> Setup:
     source = resolve_model_source(spec.model.name, spec.storage.path)
     model, new_params = build_model(spec, task, source)
-    model = model.to(strategy.device)
+    if not strategy.sharded:  # FSDP moves each rank's shards to the device itself: the whole
+        model = model.to(strategy.device)  # model never has to fit one device
     if spec.train.gradient_checkpointing:
         # non-reentrant: works with DDP's no_sync, FSDP and frozen inputs
         model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -210,11 +211,13 @@ def build_model(spec: JobSpec, task: Task, source: str) -> tuple[torch.nn.Module
 
 
 def theta_star_identity(spec: JobSpec, model: torch.nn.Module, new_params: set[str]) -> str:
-    """θ*'s hash: the identity a resume and a registered adapter check. With LoRA θ* is the
-    frozen base, so the hash covers every pretrained weight."""
-    if spec.model.adapter is None:
-        return weights_hash(anchored_parameters(model, new_params))
-    return weights_hash(frozen_base(model, new_params))
+    """θ*'s hash: the identity a resume and a registered adapter check, of θ* as the anchor
+    stores it (rounded to a half-precision ``anchor_dtype``). With LoRA θ* is the frozen base,
+    so the hash covers every pretrained weight."""
+    if spec.model.adapter is not None:
+        return weights_hash(frozen_base(model, new_params))
+    dtype = getattr(torch, spec.objective.anchor_dtype)
+    return weights_hash((n, p.to(dtype)) for n, p in anchored_parameters(model, new_params))
 
 
 def build_objective(
