@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from tether.serving.adapters import AdapterMismatch, AdapterSource, HeadAdapterPool
 
@@ -234,3 +235,55 @@ def test_a_trained_base_answers_with_its_own_head_and_refuses_adapters_of_anothe
     with pytest.raises(AdapterMismatch, match="trained on another base"):
         folder = adapters["three"]
         asyncio.run(pool.load(AdapterSource("three", folder=str(folder)), folder))
+
+
+def test_a_tagger_adapter_on_the_same_encoder_equals_its_merged_export(tiny_model_dir, tmp_path):
+    """A token-classification LoRA adapter (its own tagging head and tag set) served from a
+    pretrained base answers /v1/predict's entity schema exactly like its merged export."""
+    from tether.config import validate_job
+    from tether.run import run_training
+    from tether.serving.model import load_served_model
+
+    job = {
+        "name": "tags",
+        "model": {
+            "name": str(tiny_model_dir),
+            "task": "token-classification",
+            "adapter": {"r": 4, "alpha": 8.0},
+        },
+        "data": {
+            "train": "synthetic:entities",
+            "max_train_samples": 200,
+            "max_validation_samples": 40,
+            "max_length": 48,
+        },
+        "objective": {"lambda": 0.01},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0},
+        "train": {"epochs": 1, "batch_size": 16, "eval_interval": 1000},
+        "scaling": {"num_workers": 0},
+        "tracking": {"enabled": False},
+        "storage": {"path": str(tmp_path / "runs"), "run_name": "tags"},
+    }
+    export = Path(run_training(validate_job(job)).summary["model_dir"])
+    pool = HeadAdapterPool("token-classification", tiny_model_dir, 4096)
+    adapter = asyncio.run(pool.load(AdapterSource("tags", folder=str(export)), export))
+    texts = ["Anna flew from Paris to Berlin with Acme Corp", "nothing to see here"]
+    merged = load_served_model(export).predictor
+    got = adapter.predictor.predict(adapter.predictor.frame_items(texts))
+    want = merged.predict(merged.frame_items(texts))
+    assert adapter.predictor.labels == merged.labels and len(merged.labels) > 2
+    # the tag scores themselves, not only the decoded entities (a briefly trained tagger may
+    # tag nothing): the adapter's view and the merged model give the same logits
+    features = merged.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        view_logits = adapter.predictor.model(**features).logits
+        merged_logits = merged.model(**features).logits
+    assert view_logits.shape[-1] == len(merged.labels)
+    torch.testing.assert_close(view_logits, merged_logits, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        g, w = g.model_dump(), w.model_dump()
+        assert [(e["type"], e["start"], e["end"]) for e in g["entities"]] == [
+            (e["type"], e["start"], e["end"]) for e in w["entities"]
+        ]
+        for ge, we in zip(g["entities"], w["entities"], strict=True):
+            assert ge["score"] == pytest.approx(we["score"], abs=1e-5)
