@@ -854,11 +854,11 @@ BENCHMARKS = (
     ),
     Benchmark(
         "forgetting_study_interp",
-        "Anchor vs interpolation toward θ* (SmolLM2 chat SFT, one seed)",
+        "Anchor vs interpolation toward θ* (SmolLM2 chat SFT, 3 seeds)",
         "the forgetting study's plain arm, decoupled κ = 3 (objective.strength) and θ(α) = θ* + "
         "α(θ_plain − θ*) at α = 0.25, 0.5, 0.75 (no training): does the anchor beat the cheap "
         "alternative at equal task score?",
-        f"{PY} benchmarks/forgetting_study.py --seeds 0 --arms plain,kappa-3 "
+        f"{PY} benchmarks/forgetting_study.py --seeds 0,1,2 --arms plain,kappa-3 "
         "--interpolate 0.25,0.5,0.75 --out benchmarks/results/forgetting_study_interp.json",
         f"{PY} benchmarks/forgetting_study.py --quick",
         render_forgetting,
