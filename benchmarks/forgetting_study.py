@@ -12,6 +12,9 @@ same data, steps and learning rate; only the objective differs:
     decoupled-*  θ ← θ − lr·λ(θ − θ*) after each step (λ·Σ lr is the pull's total strength)
     kappa-3      decoupled with objective.strength κ = 3 (tether derives λ = κ / Σ lr_t)
     interp-α     (--interpolate) no training: θ* + α(θ_plain − θ*) of the same seed's plain run
+    plain-lr*    λ = 0 at a smaller lr of its own (named in --arms)
+    early-plain* (--early-stop-every N) a plain run stopped at its evaluation with the lowest
+                 validation loss
 
 At the end of each run: the task (eval/exact_match on the validation chats, eval/loss) and
 eval/forgetting, the NLL of θ*'s own greedy answers to tether's 52 general probe prompts
@@ -47,6 +50,9 @@ ARMS = {
     "decoupled-300": {"lambda": 300.0, "mode": "decoupled"},
     "decoupled-3000": {"lambda": 3000.0, "mode": "decoupled"},
     "kappa-3": {"strength": 3.0, "mode": "decoupled"},  # λ derived: λ·Σ lr_t = 3
+    # plain fine-tuning at a smaller lr of its own (a small lr is an anchor too)
+    "plain-lr5e-5": {"lambda": 0.0, "mode": "coupled", "lr": 5e-5},
+    "plain-lr1e-4": {"lambda": 0.0, "mode": "coupled", "lr": 1e-4},
 }
 QUICK = {"seeds": [0], "arms": "plain,decoupled-3000", "examples": 64, "epochs": 1}
 
@@ -54,7 +60,7 @@ QUICK = {"seeds": [0], "arms": "plain,decoupled-3000", "examples": 64, "epochs":
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--arms", default="plain,coupled-0.1,coupled-10,decoupled-300,decoupled-3000")
     p.add_argument("--examples", type=int, default=256, help="training chats")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -67,12 +73,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         help="also score θ(α) of each plain run at these α (e.g. 0.25,0.5,0.75)",
     )
+    p.add_argument(
+        "--early-stop-every",
+        type=int,
+        default=0,
+        help="plain arms evaluate every N steps and add an early-stopping arm: the checkpoint "
+        "with the lowest validation loss (early stopping is an anchor too)",
+    )
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
 
 def job(args, workdir: Path, objective: dict, seed: int, name: str) -> dict[str, Any]:
+    objective = dict(objective)
+    lr = objective.pop("lr", args.lr)  # an arm may train at an lr of its own
+    plain = objective.get("lambda") == 0.0 and "strength" not in objective
+    every = args.early_stop_every if plain else 0
     return {
         "name": "forgetting",
         "model": {"name": "packaged:SmolLM2-135M-Instruct", "task": "causal-lm"},
@@ -84,14 +101,14 @@ def job(args, workdir: Path, objective: dict, seed: int, name: str) -> dict[str,
             "sample_seed": seed,
         },
         "objective": objective,
-        "optim": {"lr": args.lr, "warmup_ratio": 0.1},
+        "optim": {"lr": lr, "warmup_ratio": 0.1},
         "train": {
             "epochs": args.epochs,
             "batch_size": args.batch_size,
-            "eval_interval": 10_000,
+            "eval_interval": every or 10_000,
             "seed": seed,
             "num_threads": args.threads,
-            "keep_checkpoints": 1,
+            "keep_checkpoints": 100 if every else 1,
         },
         "eval": {
             "generate_examples": 48,
@@ -163,6 +180,8 @@ def main(argv=None) -> int:
                 summary = run_training(spec).summary
                 if arm == "plain" and args.interpolate:
                     result["runs"] += interpolated(args, spec, summary, seed)
+                if arm.startswith("plain") and args.early_stop_every:
+                    result["runs"].append(early_stopped(arm, summary, seed))
                 shutil.rmtree(summary["run_dir"], ignore_errors=True)
                 m = summary["metrics"]
                 run = {
@@ -180,7 +199,8 @@ def main(argv=None) -> int:
                 )
                 write_json(args.out, result)
         interp = [f"interp-{a:g}" for a in args.interpolate]
-        result["arms"] = summarise(result, arms + interp)
+        early = [f"early-{a}" for a in arms if a.startswith("plain") and args.early_stop_every]
+        result["arms"] = summarise(result, arms + interp + early)
         result["verdict"] = verdict(result)
         result["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
         write_json(args.out, result)
@@ -190,6 +210,30 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def early_stopped(arm: str, summary: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The plain run stopped at its evaluation with the lowest validation loss (what early
+    stopping on the validation set would have kept), with that evaluation's metrics."""
+    from tether.train.checkpoint import checkpoints, read_state
+
+    evaluated = [read_state(c)["metrics"] for c in checkpoints(summary["run_dir"])]
+    best = min(evaluated, key=lambda m: m["eval/loss"])
+    run = {
+        "arm": f"early-{arm}",
+        "seed": seed,
+        "exact_match": best["eval/exact_match"],
+        "eval_loss": best["eval/loss"],
+        "forgetting": best["eval/forgetting"],
+        "drift_l2": None,
+        "stopped_at_step": best["step"],
+        "load_avg_1m": os.getloadavg()[0],
+    }
+    print(
+        f"seed {seed} {run['arm']:<15} exact {run['exact_match']:.3f} loss {run['eval_loss']:.4f} "
+        f"forgetting {run['forgetting']:+.4f} (step {best['step']} of {evaluated[-1]['step']})"
+    )
+    return run
 
 
 def interpolated(args, spec, summary: dict[str, Any], seed: int) -> list[dict[str, Any]]:

@@ -864,6 +864,17 @@ BENCHMARKS = (
         render_forgetting,
     ),
     Benchmark(
+        "forgetting_study_plain_arms",
+        "Plain fine-tuning's own anchors: a smaller lr and early stopping (SmolLM2 chat SFT)",
+        "the forgetting study's plain arm at lr 2e-4 and at 5e-5 (the chat job's default), each "
+        "also stopped at its evaluation (every 8 steps) with the lowest validation loss: how much "
+        "forgetting do the alternatives a user already has remove, next to κ = 3?",
+        f"{PY} benchmarks/forgetting_study.py --seeds 0 --arms plain,plain-lr5e-5 "
+        "--early-stop-every 8 --out benchmarks/results/forgetting_study_plain_arms.json",
+        f"{PY} benchmarks/forgetting_study.py --quick",
+        render_forgetting,
+    ),
+    Benchmark(
         "lora_vs_full",
         "LoRA vs full fine-tuning (SmolLM2 chat SFT)",
         "trainable parameters, s/step, peak memory, task exact match, eval/forgetting and merged "
@@ -1035,7 +1046,7 @@ def glance_rows(name: str, d: dict[str, Any]) -> list[list[str]]:
         return ner_glance_rows(d)
     if name == "llm_throughput":
         return llm_glance_rows(d)
-    if name in ("forgetting_study", "forgetting_study_interp"):
+    if name in ("forgetting_study", "forgetting_study_interp", "forgetting_study_plain_arms"):
         return forgetting_glance_rows(d)
     if name == "anchor_strength_study":
         return strength_glance_rows(d)
