@@ -865,11 +865,11 @@ BENCHMARKS = (
     ),
     Benchmark(
         "forgetting_study_plain_arms",
-        "Plain fine-tuning's own anchors: a smaller lr and early stopping (SmolLM2 chat SFT)",
+        "Plain fine-tuning's own anchors: a smaller lr and early stopping (SmolLM2, 3 seeds)",
         "the forgetting study's plain arm at lr 2e-4 and at 5e-5 (the chat job's default), each "
         "also stopped at its evaluation (every 8 steps) with the lowest validation loss: how much "
         "forgetting do the alternatives a user already has remove, next to κ = 3?",
-        f"{PY} benchmarks/forgetting_study.py --seeds 0 --arms plain,plain-lr5e-5 "
+        f"{PY} benchmarks/forgetting_study.py --seeds 0,1,2 --arms plain,plain-lr5e-5 "
         "--early-stop-every 8 --out benchmarks/results/forgetting_study_plain_arms.json",
         f"{PY} benchmarks/forgetting_study.py --quick",
         render_forgetting,
