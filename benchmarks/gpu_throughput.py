@@ -237,12 +237,18 @@ def overheads(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
         )
 
 
+def overhead_and_peak(r: dict[str, Any]) -> tuple[str, str]:
+    """A row's overhead % and peak GiB as table cells ("-" when not measured)."""
+    over = "-" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f}%"
+    peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}"
+    return over, peak
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = f"{'model':<10} {'precision':<9} {'mode':<10} {'samples/s':>10} {'ms/step':>8} {'overhead':>9} {'peak GiB':>9}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        over = "-" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f}%"
-        peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}"
+        over, peak = overhead_and_peak(r)
         print(
             f"{r['model']:<10} {r['precision']:<9} {r['mode']:<10} {r['samples_per_s']:>10.1f}"
             f" {r['step_ms_median']:>8.1f} {over:>9} {peak:>9}"
@@ -388,8 +394,7 @@ def print_causal_lm_table(rows: list[dict[str, Any]]) -> None:
     print(f"{rows[0]['model']}, {rows[0]['batch_size']}×{rows[0]['seq_len']} tokens per step")
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        over = "-" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f}%"
-        peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}"
+        over, peak = overhead_and_peak(r)
         print(
             f"{r['strategy']:<8} {r['precision']:<9} {r['mode']:<10} {r['tokens_per_s']:>10.0f}"
             f" {r['step_ms_median']:>8.1f} {over:>9} {peak:>9} {r['anchor_bytes'] / 2**20:>10.1f}"

@@ -476,6 +476,16 @@ def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) ->
 # --------------------------------------------------------------------------- the request edge
 
 
+def refuse_base_swap(serving_adapters: bool) -> None:
+    """Loaded adapters belong to their base (Serve's LRU holds them): a new base is a new
+    application, not a hot swap."""
+    if serving_adapters:
+        raise ValueError(
+            "user_config: the base of an adapter deployment cannot be swapped in place; "
+            "deploy a new application"
+        )
+
+
 async def adapter_for_request(catalog: AdapterCatalog, get_adapter, model_id: str, param: str):
     """The loaded adapter for ``model_id`` through the replica's multiplexed loader, or the
     RequestError the client gets: 404 for an id not served here, 400 for another base."""

@@ -45,6 +45,7 @@ from tether.serving.adapters import (
     HeadAdapterPool,
     adapter_for_request,
     load_adapter,
+    refuse_base_swap,
 )
 from tether.serving.contract import (
     ERROR_RESPONSES,
@@ -321,13 +322,7 @@ class Replica:
         if self.model is not None and _same_model(self.source, source):
             self.source, self.catalog = source, catalog  # the allowed adapters may change
             return
-        if self.pool is not None:
-            # loaded adapters belong to this base (Serve's LRU holds them): a new base is a
-            # new application, not a hot swap
-            raise ValueError(
-                "user_config: the base of an adapter deployment cannot be swapped in place; "
-                "deploy a new application"
-            )
+        refuse_base_swap(self.pool is not None)
         if catalog is not None:
             self.pool = await asyncio.to_thread(self._load_base, source)
             base = self.pool.describe_base(source.model_uri, source.alias)

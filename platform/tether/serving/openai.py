@@ -46,6 +46,7 @@ from tether.serving.adapters import (
     AdapterPool,
     adapter_for_request,
     load_adapter,
+    refuse_base_swap,
 )
 from tether.serving.contract import (
     RequestError,
@@ -337,13 +338,7 @@ def make_generation_deployment(args):
             if self.model is not None and _same_model(self.source, source):
                 self.source, self.catalog = source, catalog  # the allowed adapters may change
                 return
-            if self.catalog is not None:
-                # loaded adapters belong to this base (Serve's LRU holds them): a new base is
-                # a new application, not a hot swap
-                raise ValueError(
-                    "user_config: the base of an adapter deployment cannot be swapped in place; "
-                    "deploy a new application"
-                )
+            refuse_base_swap(self.catalog is not None)
             model = await asyncio.to_thread(self._load, source)
             pool = AdapterPool(model.predictor) if catalog is not None else None
             engine = TransformersEngine(
