@@ -72,17 +72,29 @@ def scores(spec_dict: dict, data, tmp_path: Path, world: int) -> dict:
             "tiny_model_dir",
         ),
         ("causal-lm", {"train": "synthetic:chat", "max_validation_samples": 21}, "tiny_llama_dir"),
+        (  # short windows: most contexts are split, and windows group by example
+            "question-answering",
+            {
+                "train": "synthetic:qa",
+                "max_validation_samples": 37,
+                "max_length": 48,
+                "doc_stride": 12,
+                "max_question_length": 16,
+            },
+            "tiny_model_dir",
+        ),
     ],
 )
 def test_two_workers_score_exactly_like_one(task, data, base, request, tmp_path):
     """Every count-based metric of 2 gloo workers equals 1 worker's on the same weights; the
-    loss agrees to fp32 rounding (batches pad to other widths on other shards)."""
+    loss agrees to fp32 rounding (batches pad to other widths on other shards). For QA the
+    windows of one context are scored together wherever they land."""
     from tether.tasks import task_class
 
     tiny_model_dir = request.getfixturevalue(base)
     spec_dict = {
         "model": {"name": str(tiny_model_dir), "task": task},
-        "data": {**data, "max_train_samples": 40, "max_length": 96},
+        "data": {"max_train_samples": 40, "max_length": 96, **data},
         "train": {"eval_batch_size": 8},
     }
     spec = validate_job(spec_dict)
@@ -90,7 +102,10 @@ def test_two_workers_score_exactly_like_one(task, data, base, request, tmp_path)
     _, prepared = prepare(spec, tokenizer)
     one = scores(spec_dict, prepared, tmp_path, 1)
     two = scores(spec_dict, prepared, tmp_path, 2)
-    assert one["eval/num_examples"] == len(prepared.validation)
+    groups = prepared.validation.groups
+    examples = len(prepared.validation) if groups is None else len(set(groups.tolist()))
+    assert one["eval/num_examples"] == examples
+    assert groups is None or len(prepared.validation) > 1.5 * examples  # contexts were split
     assert set(one) == set(two)
     for key in one:
         tolerance = 1e-6 if key in ("eval/loss", "eval/perplexity") else 1e-12

@@ -104,6 +104,36 @@ def build_ner_dir(base: Path, out: Path) -> Path:
     return out
 
 
+QA_CARD = {
+    "name": "qa",
+    "task": "question-answering",
+    "label_names": [],
+    "max_length": 48,
+    "doc_stride": 12,
+    "max_question_length": 16,
+    "unanswerable": False,
+    "max_answer_length": 8,
+    "null_score_threshold": 0.0,
+}
+
+
+def build_qa_dir(base: Path, out: Path) -> Path:
+    """The tiny BERT with a random span head and a question-answering card (short windows)."""
+    import torch
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    torch.manual_seed(4)
+    AutoModelForQuestionAnswering.from_pretrained(base).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    (out / "tether.json").write_text(json.dumps(QA_CARD))
+    return out
+
+
+@pytest.fixture(scope="module")
+def qa_model(tiny_model_dir, tmp_path_factory) -> Path:
+    return build_qa_dir(tiny_model_dir, tmp_path_factory.mktemp("qa"))
+
+
 @pytest.fixture(scope="module")
 def ner_model(tiny_model_dir, tmp_path_factory) -> Path:
     return build_ner_dir(tiny_model_dir, tmp_path_factory.mktemp("ner"))
@@ -163,7 +193,7 @@ def with_faults(app: dict, faults: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, model_a, ner_model) -> Server:
+def server(ray_cluster, model_a, ner_model, qa_model) -> Server:
     from ray import serve
 
     port = free_port()
@@ -190,8 +220,12 @@ def server(ray_cluster, model_a, ner_model) -> Server:
     ner = ServeOptions(
         task="token-classification", port=port, app_name="ner", route_prefix="/ner", num_cpus=0.5
     )
+    qa = ServeOptions(
+        task="question-answering", port=port, app_name="qa", route_prefix="/qa", num_cpus=0.5
+    )
     apps = {
         "tether": application_config(main, model_user_config(model_a)),
+        "qa": application_config(qa, model_user_config(qa_model)),
         "slow": with_faults(application_config(slow, model_user_config(model_a)), "delay=0.5"),
         "ner": application_config(ner, model_user_config(ner_model)),
     }
@@ -877,6 +911,53 @@ def test_ner_app_returns_entities_whose_offsets_slice_the_text(server, ner_model
 def test_fuzzed_ner_requests_never_get_a_5xx(server, mode):
     """schemathesis on the NER app's routes, from its own published schema."""
     seen = fuzz_routes(f"{server.url}/ner", {}, mode, examples=30)
+    assert any(k.startswith("POST /v1/predict") for k in seen), seen
+    if mode == "positive":  # every schema-valid body is answered (or over the byte limit)
+        refused = {k: n for k, n in seen.items() if k.split()[-1] not in ("200", "413")}
+        assert refused == {}, refused
+
+
+@pytest.mark.ray
+def test_qa_app_answers_with_offsets_that_slice_the_context(server, qa_model):
+    """The question-answering app: one question or several, answers equal the offline
+    predictor's, offsets slice the context (accents, CJK), a context longer than one window is
+    read in several, a missing context is a 422 naming it, and its own schema is published."""
+    from tether.tasks import task_for_card
+    from tether.tasks.qa_serving import QAItem
+
+    context = "Zoë Müller was born in Tarsk in 1871. Her brother moved to 東京 in 1902. " * 3
+    items = [
+        {"question": "Where was Zoë born?", "context": context},
+        {"question": "When?", "context": "In 1871."},
+    ]
+    predictor = task_for_card(QA_CARD).predictor(qa_model, QA_CARD, 4096)
+    offline = predictor.predict([QAItem(**i) for i in items])
+    with httpx.Client(base_url=f"{server.url}/qa", timeout=60) as c:
+        many = c.post("/v1/predict", json={"items": items})
+        assert many.status_code == 200, many.text
+        answers = many.json()["predictions"]
+        one = c.post("/v1/predict", json=items[0]).json()["predictions"]
+        assert one == answers[:1]
+        for item, answer, reference in zip(items, answers, offline, strict=True):
+            assert item["context"][answer["start"] : answer["end"]] == answer["answer"]
+            assert answer["answer"] == reference.answer
+            assert answer["score"] == pytest.approx(reference.score, rel=1e-4)
+        assert answers[0]["windows"] > 1 and answers[1]["windows"] == 1
+        missing = c.post("/v1/predict", json={"question": "Where?"})
+        assert missing.status_code == 422 and "context" in missing.json()["message"]
+        schema = c.get("/openapi.json").json()
+        body_schema = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"][
+            "application/json"
+        ]["schema"]
+        assert {"Question", "ManyQuestions"} == {b["title"] for b in body_schema["anyOf"]}
+        assert c.get("/v1/model").json()["task"] == "question-answering"
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_qa_requests_never_get_a_5xx(server, mode):
+    """schemathesis on the QA app's routes, from its own published schema."""
+    seen = fuzz_routes(f"{server.url}/qa", {}, mode, examples=25)
     assert any(k.startswith("POST /v1/predict") for k in seen), seen
     if mode == "positive":  # every schema-valid body is answered (or over the byte limit)
         refused = {k: n for k, n in seen.items() if k.split()[-1] not in ("200", "413")}

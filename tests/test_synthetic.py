@@ -1,4 +1,4 @@
-"""Tests for the synthetic sentiment dataset generator."""
+"""Tests for the synthetic dataset generators: sentiment and question answering."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ from itertools import pairwise
 
 import pytest
 
-from tether.synthetic import LABEL_NAMES, sentiment_examples
+from tether.sources import SYNTHETIC_DATASETS
+from tether.synthetic import GENERATORS, LABEL_NAMES, generate, qa_examples, sentiment_examples
+from tether.synthetic.qa import (
+    FACTS,
+    HELDOUT_QUESTION_TEMPLATES,
+    QUESTION_TEMPLATES,
+    STATEMENT_TEMPLATES,
+)
 
 HELD_OUT_ADJECTIVES = {
     "splendid", "marvelous", "exquisite", "phenomenal", "sublime", "magnificent",
@@ -188,3 +195,190 @@ def test_labels_are_learnable_by_naive_bayes():
         }
         correct += int(max(scores, key=scores.get) == ex["label"])
     assert correct / len(validation) > 0.6
+
+
+# --- question answering (synthetic/qa.py) ---------------------------------------------------
+
+SPLITS = ("train", "validation")
+
+
+def _template_regex(template: str, name: str | None = None, value: str = ".+?") -> re.Pattern:
+    """``template`` as a regex: a literal ``name`` if given, else any; ``value`` a pattern."""
+    pattern = re.escape(template.replace("|", "")).replace(re.escape("{art}"), "an?")
+    pattern = pattern.replace(re.escape("{name}"), re.escape(name) if name else "(?P<name>.+?)")
+    return re.compile(pattern.replace(re.escape("{value}"), f"(?P<value>{value})"))
+
+
+def _parse_question(question: str, held_out: bool = False) -> tuple[str, str, str] | None:
+    """(fact, template, subject name) of a question written from one of the templates."""
+    templates = HELDOUT_QUESTION_TEMPLATES if held_out else QUESTION_TEMPLATES
+    for fact, options in templates.items():
+        for template in options:
+            match = _template_regex(template).fullmatch(question)
+            if match:
+                return fact, template, match["name"]
+    return None
+
+
+def _any_template(question: str) -> tuple[str, str, str]:
+    parsed = _parse_question(question) or _parse_question(question, held_out=True)
+    assert parsed, question
+    return parsed
+
+
+def _sentences(context: str) -> list[tuple[int, str]]:
+    """(offset, sentence) for each sentence of a context."""
+    out, offset = [], 0
+    for sentence in re.split(r"(?<=\.) ", context):
+        out.append((offset, sentence))
+        offset += len(sentence) + 1
+    return out
+
+
+def _states(sentence: str, fact: str, name: str) -> re.Match | None:
+    """The match of ``sentence`` against a template stating ``fact`` about ``name``, if any
+    (the one with the shortest value: "played the {value}." also matches "... in a band.")."""
+    value = r"\d{4}" if fact == "birth_year" else ".+?"  # "born in 1871" vs "born in Tarsk"
+    templates = STATEMENT_TEMPLATES[fact]
+    matches = [_template_regex(t, name, value).fullmatch(sentence) for t in templates]
+    return min(filter(None, matches), key=lambda m: len(m["value"]), default=None)
+
+
+def test_qa_same_arguments_give_identical_output():
+    """Calling twice with the same (split, n, seed, rate) returns identical lists."""
+    for split in SPLITS:
+        for rate in (0.0, 1 / 3):
+            assert qa_examples(split, 200, 5, rate) == qa_examples(split, 200, 5, rate)
+    assert qa_examples("train", 200, seed=0) != qa_examples("train", 200, seed=1)
+
+
+def test_qa_output_does_not_depend_on_python_hash_seed():
+    """Generation is identical across interpreters started with different PYTHONHASHSEED."""
+    code = "import json; from tether.synthetic import qa_examples as q; "
+    code += "print(json.dumps(q('validation', 200, 3, 1 / 3)))"
+    outputs = []
+    for hash_seed in ("1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": os.pathsep.join(sys.path)}
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        outputs.append(json.loads(result.stdout))
+    assert outputs[0] == outputs[1] == qa_examples("validation", 200, 3, 1 / 3)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_qa_examples_have_the_squad_layout(split):
+    """Flat SQuAD rows with unique ids; train has one answer, validation one or two."""
+    examples = qa_examples(split, 600)
+    assert len({ex["id"] for ex in examples}) == 600
+    counts = Counter()
+    for ex in examples:
+        assert set(ex) == {"id", "title", "context", "question", "answers"}
+        assert ex["id"].startswith(f"qa-{split}-") and ex["title"] in ex["context"]
+        assert set(ex["answers"]) == {"text", "answer_start"}
+        assert len(ex["answers"]["text"]) == len(ex["answers"]["answer_start"])
+        counts[len(ex["answers"]["text"])] += 1
+        assert 4 <= len(_sentences(ex["context"])) <= 7
+        assert 40 <= len(ex["context"].split()) <= 120
+    assert set(counts) == ({1} if split == "train" else {1, 2}), counts
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_qa_every_answer_slices_its_context_at_its_offset(split):
+    """context[start : start + len(text)] == text for every gold answer, accents and CJK too."""
+    examples = qa_examples(split, 1000, unanswerable_rate=1 / 3)
+    non_ascii_answers = 0
+    for ex in examples:
+        for text, start in zip(ex["answers"]["text"], ex["answers"]["answer_start"]):
+            assert ex["context"][start : start + len(text)] == text, ex
+            assert 1 <= len(text.split()) <= 4, text
+            non_ascii_answers += not text.isascii()
+    assert sum(not ex["context"].isascii() for ex in examples) >= 300
+    assert sum(bool(re.search("[\u4e00-\u9fff]", ex["context"])) for ex in examples) >= 50
+    assert non_ascii_answers >= 50
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_qa_answer_is_in_the_sentence_stating_the_asked_fact(split):
+    """Each gold span lies in a sentence stating the asked fact about the asked person."""
+    repeated = 0
+    for ex in qa_examples(split, 1000):
+        fact, _, name = _any_template(ex["question"])
+        stating = [
+            (offset, sentence)
+            for offset, sentence in _sentences(ex["context"])
+            if _states(sentence, fact, name)
+        ]
+        assert len(stating) == 1, ex  # the context states the fact exactly once
+        offset, sentence = stating[0]
+        value = _states(sentence, fact, name)["value"]
+        assert ex["answers"]["text"][0] == value, ex
+        for text, start in zip(ex["answers"]["text"], ex["answers"]["answer_start"]):
+            assert offset <= start and start + len(text) <= offset + len(sentence), ex
+        repeated += ex["context"].count(value) > 1
+    assert repeated >= 3  # a town shared by two facts: the offset picks the asked one
+
+
+def test_qa_validation_uses_held_out_question_phrasings():
+    """About a third of validation questions use templates train never uses."""
+    train_templates = {_any_template(ex["question"])[1] for ex in qa_examples("train", 3000)}
+    validation = [_any_template(ex["question"])[1] for ex in qa_examples("validation", 600)]
+    held_out = {t for options in HELDOUT_QUESTION_TEMPLATES.values() for t in options}
+    assert train_templates == {t for options in QUESTION_TEMPLATES.values() for t in options}
+    assert not held_out & train_templates
+    assert set(validation) - train_templates == held_out
+    assert 0.25 <= sum(t in held_out for t in validation) / len(validation) <= 0.42
+    assert set(FACTS) == set(QUESTION_TEMPLATES) == set(HELDOUT_QUESTION_TEMPLATES)
+
+
+def test_qa_validation_has_names_never_seen_in_train():
+    """Validation contexts contain held-out names, places and organisations absent from train."""
+
+    def words(examples: list[dict]) -> set[str]:
+        return {w for ex in examples for w in re.findall(r"\w+", ex["context"] + ex["question"])}
+
+    val_only = words(qa_examples("validation", 600)) - words(qa_examples("train", 3000))
+    assert {"Kwame", "Astrid", "Żelazny", "Quorran", "Hålvik", "南浜", "Ambervale"} <= val_only
+
+
+def test_qa_v2_has_the_requested_unanswerable_share():
+    """qa-v2 makes a third of questions unanswerable with empty answer lists; qa makes none."""
+    examples = generate("qa-v2", "validation", 600)
+    unanswerable = [ex for ex in examples if not ex["answers"]["text"]]
+    assert len(unanswerable) == 200
+    absent = 0
+    for ex in unanswerable:
+        assert ex["answers"] == {"text": [], "answer_start": []}
+        fact, _, name = _any_template(ex["question"])
+        absent += name not in ex["context"]
+        for _, sentence in _sentences(ex["context"]):
+            assert not _states(sentence, fact, name), ex
+    assert 30 <= absent <= 100  # some ask about a person who is not in the context
+    assert all(ex["answers"]["text"] for ex in generate("qa", "validation", 600))
+    assert qa_examples("train", 10, unanswerable_rate=1.0)[0]["answers"]["text"] == []
+
+
+def test_qa_train_and_validation_share_no_example():
+    """No (context, question) pair or id occurs in both splits."""
+    train, validation = qa_examples("train", 3000), qa_examples("validation", 600)
+    assert not {(e["context"], e["question"]) for e in train} & {
+        (e["context"], e["question"]) for e in validation
+    }
+    assert not {e["id"] for e in train} & {e["id"] for e in validation}
+
+
+def test_qa_bad_arguments_raise_value_error_naming_them():
+    """An unknown split or a rate outside [0, 1] raises ValueError naming the bad value."""
+    with pytest.raises(ValueError, match="test"):
+        qa_examples("test", 10)
+    with pytest.raises(ValueError, match="1.5"):
+        qa_examples("train", 10, unanswerable_rate=1.5)
+
+
+def test_qa_datasets_are_registered_with_their_columns():
+    """synthetic:qa and synthetic:qa-v2 are question-answering sets whose rows hold the columns."""
+    for name in ("qa", "qa-v2"):
+        dataset = SYNTHETIC_DATASETS[name]
+        assert dataset.task == "question-answering"
+        row = GENERATORS[name]("train", 1, 0)[0]
+        assert set(dataset.columns) <= set(row)

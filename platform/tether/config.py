@@ -33,7 +33,9 @@ from tether.sources import (
 
 __all__ = ["JobSpec", "SpecError", "load_job", "validate_job", "parse_overrides", "deep_merge"]
 
-TaskName = Literal["sequence-classification", "token-classification", "causal-lm"]
+TaskName = Literal[
+    "sequence-classification", "token-classification", "question-answering", "causal-lm"
+]
 TASK_NAMES: tuple[str, ...] = TaskName.__args__
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # also a folder name: no '/', no leading '.'
 
@@ -62,7 +64,8 @@ class ModelSection(_Section):
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `name` is a hub id."""
     task: TaskName = "sequence-classification"
-    """What the model learns: sequence-classification, token-classification (NER), causal-lm."""
+    """What the model learns: sequence-classification, token-classification (NER),
+    question-answering (extractive, SQuAD), causal-lm."""
     num_labels: int | None = Field(None, ge=2)
     """Number of classes; derived from `label_names` or the data when omitted."""
     label_names: list[str] | None = None
@@ -101,6 +104,26 @@ class DataSection(_Section):
     """token-classification: the words of a sentence (a list of strings)."""
     tags_column: str = "ner_tags"
     """token-classification: one tag per word (IOB1, IOB2/BIO or IOBES; names or ids)."""
+    question_column: str = "question"
+    """question-answering: the question."""
+    context_column: str = "context"
+    """question-answering: the passage the answer is a span of."""
+    answers_column: str = "answers"
+    """question-answering: {text: [...], answer_start: [...]} (character offsets into the
+    context; SQuAD v1.1/v2.0 JSON files are read into this layout)."""
+    id_column: str = "id"
+    """question-answering: the example id that errors name (else the file and line)."""
+    doc_stride: int = Field(128, ge=1)
+    """question-answering: tokens shared by consecutive windows of a long context."""
+    max_question_length: int = Field(64, ge=1)
+    """question-answering: questions are cut to this many tokens (the rest of max_length
+    reads the context)."""
+    unanswerable: bool = False
+    """question-answering: questions may have no answer in the context (SQuAD v2.0); the
+    model may then answer nothing (eval.null_score_threshold)."""
+    skip_bad: bool = False
+    """question-answering: count and skip examples whose answer is not at its offset in the
+    context, instead of failing on the first one."""
     messages_column: str = "messages"
     """causal-lm: chat turns [{role, content}, ...], rendered with the model's chat template."""
     prompt_column: str = "prompt"
@@ -206,7 +229,8 @@ class TrainSection(_Section):
 
 
 class EvalSection(_Section):
-    """What generative tasks (causal-lm) measure at each evaluation, besides the loss."""
+    """What a task measures at each evaluation besides its counts: generation and forgetting
+    (causal-lm), span decoding (question-answering)."""
 
     generate_examples: int = Field(32, ge=0)
     """Validation examples answered greedily for eval/exact_match (0: off)."""
@@ -219,6 +243,11 @@ class EvalSection(_Section):
     eval/forgetting = NLL of θ*'s own greedy answers now, minus θ*'s."""
     probe_max_new_tokens: int = Field(48, ge=1, le=1024)
     """Tokens of θ*'s greedy answer to each probe prompt."""
+    max_answer_length: int = Field(30, ge=1)
+    """question-answering: the longest answer span considered, in tokens."""
+    null_score_threshold: float = 0.0
+    """question-answering with data.unanswerable: answer nothing when the no-answer score
+    beats the best span's by more than this (raise it to answer less often)."""
 
 
 class ScalingSection(_Section):
@@ -366,6 +395,22 @@ class JobSpec(_Section):
         if self.train.head_warmup_steps and self.model.task == "causal-lm":
             raise ValueError(
                 "train.head_warmup_steps: a causal LM has no new head to warm up (set it to 0)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> JobSpec:
+        d = self.data
+        if self.model.task == "question-answering" and (
+            d.max_question_length + d.doc_stride + 3 >= d.max_length
+        ):
+            # every window holds the question, 3 special tokens and the stride's overlap,
+            # and must still move forward through the context
+            raise ValueError(
+                f"data.doc_stride: a window of data.max_length {d.max_length} tokens must "
+                f"hold the question (data.max_question_length {d.max_question_length}), 3 "
+                f"special tokens and the overlap (data.doc_stride {d.doc_stride}) and still "
+                "advance; lower doc_stride or max_question_length, or raise max_length"
             )
         return self
 
@@ -599,6 +644,14 @@ def task_columns(task: str, data: DataSection) -> list[dict[str, str]]:
         return [needed]
     if task == "token-classification":
         return [{"data.tokens_column": data.tokens_column, "data.tags_column": data.tags_column}]
+    if task == "question-answering":
+        return [
+            {
+                "data.question_column": data.question_column,
+                "data.context_column": data.context_column,
+                "data.answers_column": data.answers_column,
+            }
+        ]
     return [  # causal-lm: chat, prompt/completion pairs, or plain text
         {"data.messages_column": data.messages_column},
         {

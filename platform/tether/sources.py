@@ -16,6 +16,8 @@ SYNTHETIC_PREFIX = "synthetic:"
 REGISTRY_PREFIX = "models:/"
 # .txt/.conll: the CoNLL-2003 column format (one token per line, tag in the last column)
 CONLL_SUFFIXES = (".txt", ".conll")
+# the columns a SQuAD v1.1/v2.0 JSON file (data → paragraphs → qas) is read into
+SQUAD_COLUMNS = ("id", "title", "context", "question", "answers")
 DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", *CONLL_SUFFIXES)
 
 
@@ -55,6 +57,8 @@ SYNTHETIC_DATASETS: dict[str, SyntheticDataset] = {
     "sentiment": SyntheticDataset("sequence-classification", ("text", "label"), 4000, 800),
     "entities": SyntheticDataset("token-classification", ("tokens", "ner_tags"), 3000, 600),
     "chat": SyntheticDataset("causal-lm", ("messages",), 600, 120),
+    "qa": SyntheticDataset("question-answering", ("question", "context", "answers"), 3000, 600),
+    "qa-v2": SyntheticDataset("question-answering", ("question", "context", "answers"), 3000, 600),
 }
 
 
@@ -69,6 +73,15 @@ def is_local_path(ref: str) -> bool:
 
 def is_conll(path: str | Path) -> bool:
     return Path(path).suffix.lower() in CONLL_SUFFIXES
+
+
+def is_squad(content) -> bool:
+    """The SQuAD v1.1/v2.0 file layout: {"version", "data": [{"title", "paragraphs"}]}."""
+    return (
+        isinstance(content, dict)
+        and isinstance(content.get("data"), list)
+        and all(isinstance(a, dict) and "paragraphs" in a for a in content["data"][:1])
+    )
 
 
 def read_columns(path: Path) -> list[str]:
@@ -89,6 +102,8 @@ def read_columns(path: Path) -> list[str]:
         return list(json.loads(first).keys()) if first else []
     if suffix == ".json":
         rows = json.loads(path.read_text(encoding="utf-8-sig"))
+        if is_squad(rows):
+            return list(SQUAD_COLUMNS)  # a SQuAD file: read into one row per question
         if isinstance(rows, dict):  # column-oriented {"text": [...], "label": [...]}
             return list(rows.keys())
         return list(rows[0].keys()) if rows else []

@@ -53,19 +53,49 @@ def steps_per_epoch(num_examples: int, batch_size: int, grad_accum: int, world: 
 
 
 def eval_batches(
-    lengths: np.ndarray, batch_size: int, rank: int, world: int
+    lengths: np.ndarray, batch_size: int, rank: int, world: int, groups: np.ndarray | None = None
 ) -> list[tuple[np.ndarray, bool]]:
     """(indices, counts) pairs for this rank's share of a split: equal batch counts per rank.
 
     The shard is every world-th example, sorted by length (similar lengths pad less). Ranks
     whose shard is shorter repeat their last batch with ``counts=False``: its forward pass
     runs, its statistics are dropped.
+
+    ``groups`` (a group id per row) keeps rows that are scored together in one batch on one
+    rank: the windows of one long question-answering context. Groups are sharded instead of
+    rows, and a batch holds whole groups (one group larger than ``batch_size`` gets a batch
+    of its own), so a task's counts per group stay additive.
     """
-    mine = np.arange(rank, len(lengths), world)
-    mine = mine[np.argsort(lengths[mine], kind="stable")]
-    batches = [(mine[s : s + batch_size], True) for s in range(0, len(mine), batch_size)]
-    most = math.ceil(math.ceil(len(lengths) / world) / batch_size) if len(lengths) else 0
+    if groups is None:
+        per_rank = [_row_batches(lengths, batch_size, r, world) for r in range(world)]
+    else:
+        per_rank = [_group_batches(lengths, groups, batch_size, r, world) for r in range(world)]
+    batches = [(b, True) for b in per_rank[rank]]
+    most = max((len(b) for b in per_rank), default=0)
     filler = batches[-1][0] if batches else np.arange(min(1, len(lengths)))
     while len(batches) < most and len(filler):
         batches.append((filler, False))
     return batches
+
+
+def _row_batches(lengths: np.ndarray, batch_size: int, rank: int, world: int) -> list[np.ndarray]:
+    mine = np.arange(rank, len(lengths), world)
+    mine = mine[np.argsort(lengths[mine], kind="stable")]
+    return [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
+
+
+def _group_batches(
+    lengths: np.ndarray, groups: np.ndarray, batch_size: int, rank: int, world: int
+) -> list[np.ndarray]:
+    ids, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # groups in the order they appear
+    mine = order[rank::world]
+    rows = [np.flatnonzero(inverse == g) for g in mine]
+    rows.sort(key=lambda r: int(lengths[r].max()))  # similar lengths pad less
+    batches: list[list[np.ndarray]] = []
+    for r in rows:
+        if batches and sum(len(x) for x in batches[-1]) + len(r) <= batch_size:
+            batches[-1].append(r)
+        else:
+            batches.append([r])
+    return [np.concatenate(b) for b in batches]

@@ -73,6 +73,7 @@ class Encoded:
     token_fields: tuple[str, ...] = ()  # ragged fields aligned with input_ids (padded with it)
     pad_left: bool = False  # causal LMs: rows end together, so targets share the last positions
     pad_values: dict[str, int] = field(default_factory=dict)  # a ragged field's padding; else 0
+    group_field: str | None = None  # rows sharing its value are scored together (QA windows)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -80,6 +81,11 @@ class Encoded:
     @property
     def lengths(self) -> np.ndarray:
         return self.input_ids.lengths
+
+    @property
+    def groups(self) -> np.ndarray | None:
+        """Per row, the group it is evaluated with (None: every row on its own)."""
+        return None if self.group_field is None else self.fields[self.group_field]
 
     def collate(self, indices, pad_id: int) -> dict[str, torch.Tensor]:
         """A batch padded to its longest row: input_ids, attention_mask and every field."""
@@ -112,7 +118,12 @@ class Encoded:
             for k, v in self.fields.items()
         }
         return Encoded(
-            self.input_ids.take(indices), fields, self.token_fields, self.pad_left, self.pad_values
+            self.input_ids.take(indices),
+            fields,
+            self.token_fields,
+            self.pad_left,
+            self.pad_values,
+            self.group_field,
         )
 
     # ------------------------------------------------------------------- (de)serialisation
@@ -136,6 +147,7 @@ class Encoded:
             "token_fields": list(self.token_fields),
             "pad_left": self.pad_left,
             "pad_values": self.pad_values,
+            "group_field": self.group_field,
         }
         return arrays, meta
 
@@ -151,4 +163,11 @@ class Encoded:
         if "pad_values" not in meta:  # written before tasks owned their padding
             raise StaleCache("encoded split without pad_values")
         pad_left = bool(meta.get("pad_left", False))
-        return cls(ids, fields, tuple(meta["token_fields"]), pad_left, dict(meta["pad_values"]))
+        return cls(
+            ids,
+            fields,
+            tuple(meta["token_fields"]),
+            pad_left,
+            dict(meta["pad_values"]),
+            meta.get("group_field"),
+        )

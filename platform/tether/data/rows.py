@@ -20,6 +20,7 @@ from tether.sources import (
     SYNTHETIC_DATASETS,
     SYNTHETIC_PREFIX,
     is_local_path,
+    is_squad,
 )
 
 Row = dict[str, Any]
@@ -111,6 +112,8 @@ def _read_json(path: Path) -> list[Row]:
         content = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path.name}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if is_squad(content):
+        return squad_rows(content, path.name)
     if isinstance(content, dict):  # column-oriented {"text": [...], "label": [...]}
         lengths = {len(v) for v in content.values() if isinstance(v, list)}
         if len(lengths) != 1 or not all(isinstance(v, list) for v in content.values()):
@@ -120,6 +123,36 @@ def _read_json(path: Path) -> list[Row]:
     if not isinstance(content, list) or not all(isinstance(r, dict) for r in content):
         raise DataError(f"{path.name}: expected a list of objects or an object of columns")
     return [r | {WHERE: f"{path.name} row {i}"} for i, r in enumerate(content)]
+
+
+def squad_rows(content: dict, name: str) -> list[Row]:
+    """One row per question of a SQuAD file, in the flat hub layout: {"id", "title",
+    "context", "question", "answers": {"text": [...], "answer_start": [...]}}. SQuAD v2.0's
+    unanswerable questions get empty answer lists (its "plausible_answers" are not answers)."""
+    rows: list[Row] = []
+    for a, article in enumerate(content["data"]):
+        for p, paragraph in enumerate(article.get("paragraphs") or []):
+            for q, qa in enumerate(paragraph.get("qas") or []):
+                answers = [] if qa.get("is_impossible") else qa.get("answers") or []
+                if not all(isinstance(x, dict) for x in answers):
+                    raise DataError(
+                        f"{name} data[{a}].paragraphs[{p}].qas[{q}]: answers must be a list of "
+                        '{"text", "answer_start"} objects'
+                    )
+                rows.append(
+                    {
+                        "id": qa.get("id", f"{a}.{p}.{q}"),
+                        "title": article.get("title", ""),
+                        "context": paragraph.get("context"),
+                        "question": qa.get("question"),
+                        "answers": {
+                            "text": [x.get("text") for x in answers],
+                            "answer_start": [x.get("answer_start") for x in answers],
+                        },
+                        WHERE: f"{name} data[{a}].paragraphs[{p}].qas[{q}]",
+                    }
+                )
+    return rows
 
 
 def read_conll(path: Path) -> list[Row]:

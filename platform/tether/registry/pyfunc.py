@@ -52,7 +52,9 @@ class TetherModel(mlflow.pyfunc.PythonModel):
         self.predictor = load_predictor(Path(context.artifacts[HF_ARTIFACT]))
 
     def predict(self, context, model_input, params=None):
-        if hasattr(model_input, "iloc"):  # a DataFrame: the first column holds the inputs
+        if hasattr(model_input, "iloc") and model_input.shape[1] > 1:
+            column = model_input.to_dict(orient="records")  # e.g. question and context
+        elif hasattr(model_input, "iloc"):  # a DataFrame: the first column holds the inputs
             column = list(model_input.iloc[:, 0])
         else:
             column = list(model_input)
@@ -66,5 +68,8 @@ def example_frame(model_dir: Path):
     predictor = load_predictor(model_dir)
     body = predictor.example()
     column = next(iter(body.values()))
+    if isinstance(column, list) and column and isinstance(column[0], dict):
+        example = pd.DataFrame(column)  # one column per field, e.g. question and context
+        return example, predictions_frame(predictor, example.to_dict(orient="records"))
     example = pd.DataFrame({"text": column if isinstance(column, list) else [column]})
     return example, predictions_frame(predictor, list(example.text))

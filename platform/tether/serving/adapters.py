@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from tether.card import read_card
+from tether.card import MODEL_CARD_FILE, read_card
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 _VERSIONED = re.compile(
@@ -304,7 +304,10 @@ class HeadAdapterPool(AdapterPool):
         self.task_name = task_name
         self.base_dir = Path(base_dir)
         self.base_card = base_card(self.base_dir, task_name)
-        self.has_head = bool(self.base_card.get("label_names"))
+        # a tether-trained model of this task has a head to answer with (its card says so);
+        # a pretrained base has only the placeholder head its task model was built with
+        trained = (self.base_dir / MODEL_CARD_FILE).is_file()
+        self.has_head = trained and self.base_card.get("task") == task_name
         loaded = self.base_task().load_model(str(base_dir), None, False)
         model = loaded.model.eval()
         self.tokenizer = self.base_task().load_tokenizer(str(base_dir), None, False)
@@ -372,12 +375,13 @@ class HeadAdapterPool(AdapterPool):
         from tether.tasks.predict import Preloaded
 
         labels = list(adapter.card.get("label_names") or [])
-        if not labels:
+        if not labels and task_for_card(adapter.card).example_labels:  # a task with labels
             raise AdapterMismatch(f"model {adapter.model_id!r}: its card names no label_names")
         with heads_sized_for(self.model, folder):
             super()._inject(adapter, folder)
         config = copy.deepcopy(self.model.config)
-        config.num_labels = len(labels)
+        if labels:  # a span head (QA) keeps its two outputs
+            config.num_labels = len(labels)
         view = AdapterView(self, adapter.peft_name, config)
         adapter.predictor = task_for_card(adapter.card).predictor(
             Preloaded(self.tokenizer, view), adapter.card, self.max_batch_tokens

@@ -3,6 +3,10 @@
     sentiment  sequence-classification: {"text", "label"}            (synthetic/sentiment.py)
     entities   token-classification:    {"tokens", "ner_tags"} IOB2  (synthetic/entities.py)
     chat       causal-lm:               {"messages": [...]}          (synthetic/chat.py)
+    qa         question-answering:      {"id", "title", "context",       (synthetic/qa.py)
+                                         "question", "answers"} SQuAD
+    qa-v2      question-answering:      as qa, a third unanswerable      (synthetic/qa.py)
+                                         (empty answers), SQuAD 2.0
 
 Every generator is deterministic (``random.Random`` seeded per split, ordered containers only)
 and its validation split uses held-out phrasing or names that never occur in train.
@@ -13,9 +17,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tether.synthetic.entities import ENTITY_TAGS, entity_examples
+from tether.synthetic.qa import qa_examples
 from tether.synthetic.sentiment import LABEL_NAMES, sentiment_examples
 
-__all__ = ["LABEL_NAMES", "ENTITY_TAGS", "sentiment_examples", "entity_examples", "generate"]
+__all__ = [
+    "LABEL_NAMES",
+    "ENTITY_TAGS",
+    "sentiment_examples",
+    "entity_examples",
+    "qa_examples",
+    "generate",
+]
 
 
 def _chat(split: str, n: int, seed: int = 0) -> list[dict]:
@@ -24,10 +36,16 @@ def _chat(split: str, n: int, seed: int = 0) -> list[dict]:
     return chat_examples(split, n, seed)
 
 
+def _qa_v2(split: str, n: int, seed: int = 0) -> list[dict]:
+    return qa_examples(split, n, seed, unanswerable_rate=1 / 3)
+
+
 GENERATORS: dict[str, Callable[[str, int, int], list[dict]]] = {
     "sentiment": sentiment_examples,
     "entities": entity_examples,
     "chat": _chat,
+    "qa": qa_examples,
+    "qa-v2": _qa_v2,
 }
 LABELS: dict[str, tuple[str, ...]] = {"sentiment": LABEL_NAMES, "entities": ENTITY_TAGS}
 

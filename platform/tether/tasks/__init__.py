@@ -125,6 +125,7 @@ def metric_names(task: Task) -> set[str]:
 TASKS: dict[str, str] = {
     "sequence-classification": "tether.tasks.classification:SequenceClassification",
     "token-classification": "tether.tasks.token_classification:TokenClassification",
+    "question-answering": "tether.tasks.question_answering:QuestionAnswering",
     "causal-lm": "tether.tasks.causal_lm:CausalLM",
 }
 

@@ -271,7 +271,7 @@ def score_split(
     """``counts_fn``'s additive counts over the whole split, summed over all workers."""
     total = torch.zeros(size, dtype=torch.float64)
     for indices, counted in eval_batches(
-        split.lengths, spec.train.eval_batch_size, strategy.rank, strategy.world
+        split.lengths, spec.train.eval_batch_size, strategy.rank, strategy.world, split.groups
     ):
         batch = _to(split.collate(indices, pad_id), strategy.device)
         with autocast if autocast is not None else contextlib.nullcontext():

@@ -1,0 +1,157 @@
+"""Serving extractive QA: {"question", "context"} in, the answer span with its offsets out.
+
+A context longer than one window is read in overlapping windows exactly as in training
+(``encode_windows``), the windows of all items in a request batch share forward passes
+(chunked by padded tokens), and the best span over an item's windows is its answer
+(``tether.tasks.spans``). ``context[start:end]`` is always the answer text; a model trained
+with unanswerable questions may answer nothing (``answer: ""``, ``start``/``end`` null).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+from tether.tasks.classification_serving import text_type
+from tether.tasks.predict import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    length_sorted_chunks,
+    load_for_inference,
+    served_max_length,
+)
+from tether.tasks.question_answering import encode_windows
+from tether.tasks.spans import best_answer
+
+EXAMPLE = {
+    "question": "Where was Lena Okafor born?",
+    "context": "Lena Okafor was born in Tarsk in 1871. She worked as a glassblower in Velm.",
+}
+
+
+class AnswerPrediction(BaseModel):
+    answer: str = Field(description='the answer text ("" when the model answers nothing)')
+    start: int | None = Field(description="offset of the answer's first character in context")
+    end: int | None = Field(description="offset after its last character: context[start:end]")
+    score: float = Field(description="start × end probability of the span in its window")
+    no_answer_probability: float = Field(
+        description="probability of 'no answer in this window' where it is lowest"
+    )
+    windows: int = Field(description="windows the context was read in (1 when it fit one)")
+
+
+def qa_request_model(max_items: int, max_chars: int) -> type[BaseModel]:
+    """{"question", "context"} or {"items": [{"question", "context"}, ...]}: exactly one."""
+
+    Text = text_type(max_chars)
+
+    class Question(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True, title="Question")
+        question: Text = Field(examples=[EXAMPLE["question"]])  # type: ignore[valid-type]
+        context: Text = Field(examples=[EXAMPLE["context"]])  # type: ignore[valid-type]
+
+    class ManyQuestions(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True, title="ManyQuestions")
+        items: list[Question] = Field(min_length=1, max_length=max_items)
+
+    class QARequest(RootModel[Question | ManyQuestions]):
+        model_config = ConfigDict(title="PredictRequest")
+
+    return QARequest
+
+
+@dataclass(frozen=True)
+class QAItem:
+    question: str
+    context: str
+
+
+class AnswerPredictor:
+    Prediction = AnswerPrediction
+
+    def __init__(
+        self,
+        task,
+        model_dir,
+        card: dict[str, Any],
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        quantize: bool = False,
+    ):
+        self.task = task
+        self.tokenizer, self.model = load_for_inference(task, model_dir, quantize)
+        self.labels: list[str] = []
+        self.max_length = served_max_length(card, self.tokenizer, self.model.config)
+        self.max_batch_tokens = max_batch_tokens
+
+    def items(self, request: BaseModel) -> list[QAItem]:
+        body = request.root
+        questions = body.items if hasattr(body, "items") else [body]
+        return [QAItem(q.question, q.context) for q in questions]
+
+    def item_length(self, item: QAItem) -> int:
+        return len(item.question) + len(item.context)
+
+    def frame_items(self, column: list[Any]) -> list[QAItem]:
+        """Rows of a DataFrame with question and context columns (as dicts)."""
+        return [QAItem(str(row["question"]), str(row["context"])) for row in column]
+
+    def example(self) -> dict[str, Any]:
+        return {"items": [EXAMPLE]}
+
+    def predict(self, items: list[QAItem]) -> list[AnswerPrediction]:
+        task = self.task
+        windows = encode_windows(
+            self.tokenizer,
+            [i.question for i in items],
+            [i.context for i in items],
+            self.max_length,
+            task.doc_stride,
+            task.max_question_length,
+        )
+        logits: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(windows.input_ids)
+        for chunk in length_sorted_chunks(windows.input_ids, self.max_batch_tokens):
+            features = {"input_ids": [windows.input_ids[j] for j in chunk]}
+            if windows.token_type_ids is not None:
+                features["token_type_ids"] = [windows.token_type_ids[j] for j in chunk]
+            padded = self.tokenizer.pad(features, return_tensors="pt")
+            with torch.inference_mode():
+                out = self.model(**padded)
+            for row, j in enumerate(chunk):
+                n = len(windows.input_ids[j])
+                logits[j] = (
+                    out.start_logits[row, :n].float().numpy(),
+                    out.end_logits[row, :n].float().numpy(),
+                )
+        per_item: list[list[tuple]] = [[] for _ in items]
+        for j, i in enumerate(windows.example):
+            start, end = logits[j]
+            per_item[i].append(
+                (start, end, np.array(windows.char_start[j]), np.array(windows.char_end[j]))
+            )
+        return [self._prediction(item, w) for item, w in zip(items, per_item, strict=True)]
+
+    def _prediction(self, item: QAItem, windows: list[tuple]) -> AnswerPrediction:
+        task = self.task
+        span, null_probability = best_answer(
+            windows, task.max_answer_length, task.unanswerable, task.null_score_threshold
+        )
+        if span is None:
+            return AnswerPrediction(
+                answer="",
+                start=None,
+                end=None,
+                score=0.0,
+                no_answer_probability=null_probability,
+                windows=len(windows),
+            )
+        return AnswerPrediction(
+            answer=item.context[span.start : span.end],
+            start=span.start,
+            end=span.end,
+            score=span.probability,
+            no_answer_probability=null_probability,
+            windows=len(windows),
+        )

@@ -1,0 +1,483 @@
+"""Extractive question answering (SQuAD): point at the answer's span in the context.
+
+Data: one row per question, {question, context, answers: {text: [...], answer_start: [...]}}
+(the hub layout; SQuAD v1.1/v2.0 JSON files are read into it). Every answer is checked
+against its context on the driver: ``context[answer_start:][:len(text)]`` must be the text,
+else the example's id is named (or, with ``data.skip_bad``, it is counted and dropped).
+
+Encoding: the question (cut to ``max_question_length`` tokens) and the context as a pair; a
+context longer than one window is split into overlapping windows (``doc_stride`` tokens
+shared), each window a row. A window's target is the first gold answer's first and last
+token when the window holds all of it, else the CLS token (position 0), as for unanswerable
+questions. Loss unit: the window (mean of the start and end cross-entropies).
+
+Evaluation: the windows of one example are always scored together, on one rank and in one
+batch (``Encoded.group_field``), so the best span over all of them is found where the example
+is counted; exact match and F1 per example (official SQuAD normalisation, best over the gold
+answers, ``tether.tasks.spans``) are then additive sums, exact under data parallelism.
+Primary metric ``eval/f1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tether.data import DataError, Encoded, Ragged, where
+from tether.tasks import model_inputs
+from tether.tasks.spans import NULL_POSITION, best_answer, exact_match, token_f1
+
+NO_CHAR = -1  # a token that is not part of the context (question, special, padding)
+
+
+@dataclass(frozen=True)
+class QAExample:
+    id: str
+    question: str
+    context: str
+    answers: tuple[tuple[int, int], ...]  # gold (start, end) character spans; () unanswerable
+
+
+@dataclass(frozen=True)
+class QuestionAnswering:
+    question_column: str = "question"
+    context_column: str = "context"
+    answers_column: str = "answers"
+    id_column: str = "id"
+    max_length: int = 384
+    doc_stride: int = 128
+    max_question_length: int = 64
+    unanswerable: bool = False
+    skip_bad: bool = False
+    max_answer_length: int = 30
+    null_score_threshold: float = 0.0
+    labels: tuple[str, ...] = ()
+
+    name = "question-answering"
+    primary_metric = "eval/f1"
+    example_labels = ()  # no label set: the answer is a span
+    mode = "max"
+    label_column = None
+
+    @classmethod
+    def from_spec(cls, spec) -> QuestionAnswering:
+        d, e = spec.data, spec.eval
+        return cls(
+            d.question_column,
+            d.context_column,
+            d.answers_column,
+            d.id_column,
+            d.max_length,
+            d.doc_stride,
+            d.max_question_length,
+            d.unanswerable,
+            d.skip_bad,
+            e.max_answer_length,
+            e.null_score_threshold,
+        )
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> QuestionAnswering:
+        return cls(
+            max_length=int(card.get("max_length") or 384),
+            doc_stride=int(card.get("doc_stride") or 128),
+            max_question_length=int(card.get("max_question_length") or 64),
+            unanswerable=bool(card.get("unanswerable", False)),
+            max_answer_length=int(card.get("max_answer_length") or 30),
+            null_score_threshold=float(card.get("null_score_threshold") or 0.0),
+        )
+
+    def with_labels(self, labels) -> QuestionAnswering:
+        return self  # spans have no label set
+
+    def cache_key(self) -> dict[str, Any]:
+        return {"name": self.name} | dataclasses.asdict(self)
+
+    def num_counts(self) -> int:
+        return 10
+
+    # ------------------------------------------------------------------- data (driver)
+
+    def label_names(self, rows, declared, hub_names) -> list[str]:
+        return []
+
+    def example(self, row: dict) -> QAExample:
+        """One row, checked: text fields present, every answer at its offset."""
+        ident = str(row.get(self.id_column) or where(row))
+        question, context = row.get(self.question_column), row.get(self.context_column)
+        for key, column, value in (
+            ("question_column", self.question_column, question),
+            ("context_column", self.context_column, context),
+        ):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(
+                    f"data.{key}: example {ident} ({where(row)}) column {column!r} must be "
+                    f"non-blank text (got {value!r:.60})"
+                )
+        texts, starts = self._answer_lists(row, ident)
+        spans = []
+        for text, start in zip(texts, starts, strict=True):
+            if not isinstance(text, str) or not text or not _is_offset(start):
+                raise DataError(
+                    f"data.answers_column: example {ident} ({where(row)}) has answer "
+                    f"{text!r:.60} at {start!r}: expected non-empty text at an integer offset"
+                )
+            start = int(start)
+            found = context[start : start + len(text)] if 0 <= start <= len(context) else ""
+            if found != text:
+                raise DataError(
+                    f"data.answers_column: example {ident} ({where(row)}): answer {text!r:.60} "
+                    f"is not at answer_start {start} of its context, which reads {found!r:.60} "
+                    "there (set data.skip_bad: true to count and skip such examples)"
+                )
+            spans.append((start, start + len(text)))
+        if not spans and not self.unanswerable:
+            raise DataError(
+                f"data.answers_column: example {ident} ({where(row)}) has no answer; for "
+                "questions that may have none (SQuAD v2.0) set data.unanswerable: true"
+            )
+        return QAExample(ident, question, context, tuple(spans))
+
+    def _answer_lists(self, row: dict, ident: str) -> tuple[list, list]:
+        answers = row.get(self.answers_column)
+        if isinstance(answers, str):  # a CSV cell: the JSON of the answers
+            try:
+                answers = json.loads(answers)
+            except json.JSONDecodeError:
+                pass
+        if isinstance(answers, list):  # [{"text", "answer_start"}, ...] (SQuAD's own layout)
+            if all(isinstance(a, dict) for a in answers):
+                answers = {
+                    "text": [a.get("text") for a in answers],
+                    "answer_start": [a.get("answer_start") for a in answers],
+                }
+        if isinstance(answers, dict):
+            texts, starts = answers.get("text"), answers.get("answer_start")
+            texts = texts.tolist() if isinstance(texts, np.ndarray) else texts
+            starts = starts.tolist() if isinstance(starts, np.ndarray) else starts
+            if isinstance(texts, list) and isinstance(starts, list) and len(texts) == len(starts):
+                return texts, starts
+        raise DataError(
+            f"data.answers_column: example {ident} ({where(row)}) column "
+            f"{self.answers_column!r} must be {{text: [...], answer_start: [...]}} of equal "
+            f"length (got {answers!r:.80})"
+        )
+
+    def examples(self, rows: list[dict]) -> tuple[list[QAExample], int]:
+        """Checked examples and how many were skipped as bad (only with ``skip_bad``)."""
+        out, bad = [], 0
+        for row in rows:
+            try:
+                out.append(self.example(row))
+            except DataError:
+                if not self.skip_bad:
+                    raise
+                bad += 1
+        return out, bad
+
+    def encode(self, rows, tokenizer, split):
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError("question-answering needs a fast tokenizer (for character offsets)")
+        examples, bad = self.examples(rows)
+        windows = encode_windows(
+            tokenizer,
+            [e.question for e in examples],
+            [e.context for e in examples],
+            self.max_length,
+            self.doc_stride,
+            self.max_question_length,
+        )
+        starts, ends = [], []
+        for w, example in enumerate(windows.example):
+            first = examples[example].answers[:1]  # training targets the first gold answer
+            s, e = target_tokens(windows.char_start[w], windows.char_end[w], first)
+            starts.append(s)
+            ends.append(e)
+        fields: dict[str, Any] = {
+            "start_positions": np.array(starts, dtype=np.int32),
+            "end_positions": np.array(ends, dtype=np.int32),
+            "example": np.array(windows.example, dtype=np.int64),
+            "char_start": Ragged.from_rows(windows.char_start, np.int32),
+            "char_end": Ragged.from_rows(windows.char_end, np.int32),
+        }
+        token_fields = ("char_start", "char_end")
+        if windows.token_type_ids is not None:
+            fields["token_type_ids"] = Ragged.from_rows(windows.token_type_ids, np.int8)
+            token_fields += ("token_type_ids",)
+        if split != "train":  # what scoring needs: each example's context and gold spans,
+            # kept on its first window only (the others are scored in the same batch)
+            fields |= gold_fields(examples, windows.example)
+        encoded = Encoded(
+            Ragged.from_rows(windows.input_ids, np.int32),
+            fields,
+            token_fields,
+            pad_values={"char_start": NO_CHAR, "char_end": NO_CHAR},
+            group_field="example",
+        )
+        stats = {
+            "examples": len(examples),
+            "windows": len(windows.input_ids),
+            "split_contexts": int(np.sum(np.bincount(windows.example) > 1)),
+            "questions_cut": windows.questions_cut,
+            "skipped_bad_answers": bad,
+            "unanswerable": sum(not e.answers for e in examples),
+        }
+        return encoded, stats
+
+    # ------------------------------------------------------------------- model (workers)
+
+    def load_tokenizer(self, source, revision, trust_remote_code):
+        from tether.models import load_tokenizer
+
+        return load_tokenizer(source, revision, trust_remote_code)
+
+    def load_model(self, source, revision, trust_remote_code):
+        from transformers import AutoModelForQuestionAnswering
+
+        from tether.models import load_pretrained
+
+        return load_pretrained(source, AutoModelForQuestionAnswering, revision, trust_remote_code)
+
+    def loss(self, model, batch):
+        start, end = span_logits(model, batch)
+        return window_loss(start, end, batch), torch.tensor(
+            float(len(start)), dtype=torch.float64, device=start.device
+        )
+
+    # ------------------------------------------------------------------- evaluation
+
+    def eval_counts(self, model, batch) -> torch.Tensor:
+        """Summed exact match, F1 and examples; the same over answerable examples; no-answer
+        examples answered with nothing, and their number; the summed loss and the windows."""
+        start, end = span_logits(model, batch)
+        counts = np.zeros(self.num_counts())
+        for rows in example_rows(batch["example"].cpu().numpy()):
+            prediction, gold = self._predict(start, end, batch, rows)
+            em, f1 = exact_match(prediction, gold), token_f1(prediction, gold)
+            counts[0:3] += (em, f1, 1)
+            if gold:
+                counts[3:6] += (em, f1, 1)
+            else:
+                counts[6:8] += (float(prediction == ""), 1)
+        counts[8:10] = (float(window_loss(start, end, batch)), len(start))
+        return torch.tensor(counts, dtype=torch.float64)
+
+    def _predict(self, start, end, batch, rows: np.ndarray) -> tuple[str, list[str]]:
+        """The predicted answer text of one example (its windows are ``rows``) and its gold
+        answers' texts."""
+        lengths = batch["attention_mask"].sum(dim=1).cpu().numpy()
+        char_start, char_end = batch["char_start"].cpu().numpy(), batch["char_end"].cpu().numpy()
+        windows = [
+            (
+                start[r, : lengths[r]].float().cpu().numpy(),
+                end[r, : lengths[r]].float().cpu().numpy(),
+                char_start[r, : lengths[r]],
+                char_end[r, : lengths[r]],
+            )
+            for r in rows
+        ]
+        span, _ = best_answer(
+            windows, self.max_answer_length, self.unanswerable, self.null_score_threshold
+        )
+        first = rows[0]
+        n_chars = int(batch["context_length"][first])
+        context = "".join(map(chr, batch["context"][first, :n_chars].tolist()))
+        spans = batch["answers"][first, : 2 * int(batch["num_answers"][first])].tolist()
+        gold = [context[spans[i] : spans[i + 1]] for i in range(0, len(spans), 2)]
+        return ("" if span is None else context[span.start : span.end]), gold
+
+    def eval_metrics(self, counts: torch.Tensor) -> dict[str, float]:
+        em, f1, n, has_em, has_f1, has_n, no_right, no_n, loss_sum, windows = counts.tolist()
+        metrics = {
+            "eval/f1": f1 / n if n else 0.0,
+            "eval/exact_match": em / n if n else 0.0,
+            "eval/loss": loss_sum / windows if windows else 0.0,
+            "eval/num_examples": n,
+        }
+        if self.unanswerable:
+            metrics |= {
+                "eval/has_answer_f1": has_f1 / has_n if has_n else 0.0,
+                "eval/has_answer_exact_match": has_em / has_n if has_n else 0.0,
+                "eval/no_answer_accuracy": no_right / no_n if no_n else 0.0,
+            }
+        return metrics
+
+    # ------------------------------------------------------------------- beyond the loss
+
+    def extra_splits(self, source, revision, trust_remote_code, tokenizer):
+        return {}, {}
+
+    def extra_metrics(self, model, tokenizer, data, score) -> dict[str, float]:
+        return {}
+
+    def samples(self, model, tokenizer, split, n: int) -> list[dict[str, str]]:
+        return []
+
+    # ------------------------------------------------------------------- export
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "task": self.name,
+            "label_names": [],
+            "max_length": self.max_length,
+            "doc_stride": self.doc_stride,
+            "max_question_length": self.max_question_length,
+            "unanswerable": self.unanswerable,
+            "max_answer_length": self.max_answer_length,
+            "null_score_threshold": self.null_score_threshold,
+        }
+
+    def request_model(self, max_items: int, max_chars: int):
+        from tether.tasks.qa_serving import qa_request_model
+
+        return qa_request_model(max_items, max_chars)
+
+    def request_example(self) -> dict[str, Any]:
+        from tether.tasks.qa_serving import EXAMPLE
+
+        return EXAMPLE
+
+    def prediction_model(self):
+        from tether.tasks.qa_serving import AnswerPrediction
+
+        return AnswerPrediction
+
+    def predictor(self, model_dir, card, max_batch_tokens: int, quantize: bool = False):
+        from tether.tasks.qa_serving import AnswerPredictor
+
+        return AnswerPredictor(self, model_dir, card, max_batch_tokens, quantize)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+@dataclass
+class Windows:
+    """A batch of (question, context) pairs as windows: one row per window."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    example: list[int]  # the pair each window belongs to
+    char_start: list[list[int]]  # per token: its first context character, or NO_CHAR
+    char_end: list[list[int]]  # per token: one past its last context character, or NO_CHAR
+    questions_cut: int
+
+
+def cut_question(tokenizer, question: str, max_tokens: int) -> tuple[str, bool]:
+    """The question's first ``max_tokens`` tokens, as text (and whether it was cut)."""
+    enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    if len(offsets) <= max_tokens:
+        return question, False
+    return question[: offsets[max_tokens - 1][1]], True
+
+
+def encode_windows(
+    tokenizer,
+    questions: list[str],
+    contexts: list[str],
+    max_length: int,
+    doc_stride: int,
+    max_question_length: int,
+) -> Windows:
+    """Tokenize pairs into windows of at most ``max_length`` tokens, ``doc_stride`` tokens of
+    context shared by neighbours, with each token's character span in its context."""
+    cut = [cut_question(tokenizer, q, max_question_length) for q in questions]
+    if not questions:
+        return Windows([], None, [], [], [], 0)
+    enc = tokenizer(
+        [q for q, _ in cut],
+        contexts,
+        truncation="only_second",
+        max_length=max_length,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        return_token_type_ids="token_type_ids" in tokenizer.model_input_names,
+        return_attention_mask=False,
+    )
+    char_start, char_end = [], []
+    for w, offsets in enumerate(enc["offset_mapping"]):
+        context = [s == 1 for s in enc.sequence_ids(w)]  # 0: question, None: special
+        char_start.append([o[0] if c else NO_CHAR for o, c in zip(offsets, context, strict=True)])
+        char_end.append([o[1] if c else NO_CHAR for o, c in zip(offsets, context, strict=True)])
+    return Windows(
+        enc["input_ids"],
+        enc.get("token_type_ids"),
+        list(enc["overflow_to_sample_mapping"]),
+        char_start,
+        char_end,
+        sum(was_cut for _, was_cut in cut),
+    )
+
+
+def target_tokens(
+    char_start: list[int], char_end: list[int], answers: tuple[tuple[int, int], ...]
+) -> tuple[int, int]:
+    """The first and last token of the answer when this window holds all of it, else the
+    CLS position for both (no answer here)."""
+    if not answers:
+        return NULL_POSITION, NULL_POSITION
+    begin, finish = answers[0]
+    tokens = [t for t, c in enumerate(char_start) if c != NO_CHAR]
+    if not tokens or begin < char_start[tokens[0]] or finish > char_end[tokens[-1]]:
+        return NULL_POSITION, NULL_POSITION
+    first = max(t for t in tokens if char_start[t] <= begin)
+    last = min(t for t in tokens if char_end[t] >= finish)
+    return first, last
+
+
+def gold_fields(examples: list[QAExample], window_example: list[int]) -> dict[str, Any]:
+    """Each example's context (code points) and gold spans on its first window; empty rows
+    on the others."""
+    seen: set[int] = set()
+    context, answers, n_chars, n_answers = [], [], [], []
+    for example in window_example:
+        first = example not in seen
+        seen.add(example)
+        e = examples[example]
+        context.append([ord(c) for c in e.context] if first else [])
+        answers.append([x for span in e.answers for x in span] if first else [])
+        n_chars.append(len(e.context) if first else 0)
+        n_answers.append(len(e.answers) if first else 0)
+    return {
+        "context": Ragged.from_rows(context, np.int32),
+        "answers": Ragged.from_rows(answers, np.int32),
+        "context_length": np.array(n_chars, dtype=np.int64),
+        "num_answers": np.array(n_answers, dtype=np.int64),
+    }
+
+
+# --------------------------------------------------------------------------- model outputs
+
+
+def span_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and end logits in fp32, padding pushed to -inf-like (never a span or a target)."""
+    out = model(**model_inputs(batch))
+    pad = batch["attention_mask"] == 0
+    start = out.start_logits.float().masked_fill(pad, -1e4)
+    end = out.end_logits.float().masked_fill(pad, -1e4)
+    return start, end
+
+
+def window_loss(start: torch.Tensor, end: torch.Tensor, batch) -> torch.Tensor:
+    """Summed over windows: the mean of the start and the end cross-entropy."""
+    s = F.cross_entropy(start, batch["start_positions"].long(), reduction="sum")
+    e = F.cross_entropy(end, batch["end_positions"].long(), reduction="sum")
+    return (s + e) / 2
+
+
+def example_rows(examples: np.ndarray) -> list[np.ndarray]:
+    """The batch rows of each example, in order of first appearance."""
+    _, first, inverse = np.unique(examples, return_index=True, return_inverse=True)
+    return [np.flatnonzero(inverse == g) for g in np.argsort(first, kind="stable")]
+
+
+def _is_offset(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
