@@ -42,11 +42,12 @@ format: $(STAMP)
 	$(BIN)/ruff format platform tests benchmarks
 	$(BIN)/ruff check --fix platform tests benchmarks
 
-# make bench: every benchmark at its defaults, then docs/benchmarks.md: about 3.5 h on 2
+# make bench: every benchmark at its defaults, then docs/benchmarks.md: about 4.3 h on 2
 # idle cores (caps below; measured here: anchor_overhead 4 min, serve_load ~6 min,
 # throughput_vs_hf 17 min, anchoring_quality 56 min with its full-data run; ner_conll about
-# 45 min, estimated from its quick run; llm_throughput ~20 min and forgetting_study ~50 min,
-# their scripts' estimates); a loaded machine hits the caps and keeps partial results.
+# 45 min, estimated from its quick run; qa_study on its synthetic set ~45 min, llm_throughput
+# ~20 min and forgetting_study ~50 min, their scripts' estimates); a loaded machine hits the
+# caps and keeps partial results.
 # gpu_throughput runs only where CUDA is (~3 min) and says so otherwise.
 # hpo_efficiency takes hours on its own: make bench-hpo.
 # make bench-quick: smoke runs.
@@ -58,6 +59,7 @@ bench: $(STAMP)
 	$(BENCH_RUN) 45m  $(BIN)/python benchmarks/throughput_vs_hf.py
 	$(BENCH_RUN) 150m $(BIN)/python benchmarks/anchoring_quality.py --full-data
 	$(BENCH_RUN) 100m $(BIN)/python benchmarks/ner_conll.py
+	$(BENCH_RUN) 60m  $(BIN)/python benchmarks/qa_study.py --datasets synthetic
 	$(BENCH_RUN) 30m  $(BIN)/python benchmarks/llm_throughput.py
 	$(BENCH_RUN) 70m  $(BIN)/python benchmarks/forgetting_study.py
 	$(BENCH_RUN) 10m  $(BIN)/python benchmarks/gpu_throughput.py
@@ -69,6 +71,7 @@ bench-quick: $(STAMP)
 	$(BENCH_RUN) 20m $(BIN)/python benchmarks/throughput_vs_hf.py --quick
 	$(BENCH_RUN) 20m $(BIN)/python benchmarks/anchoring_quality.py --quick
 	$(BENCH_RUN) 15m $(BIN)/python benchmarks/ner_conll.py --quick
+	$(BENCH_RUN) 5m  $(BIN)/python benchmarks/qa_study.py --quick
 	$(BENCH_RUN) 10m $(BIN)/python benchmarks/llm_throughput.py --quick
 	$(BENCH_RUN) 15m $(BIN)/python benchmarks/forgetting_study.py --quick
 	$(BENCH_RUN) 5m  $(BIN)/python benchmarks/gpu_throughput.py --quick

@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/report.py --out PATH      # somewhere else
 
 Reads <name>.json for each known benchmark (anchor_overhead, throughput_vs_hf,
-anchoring_quality, ner_conll, serve_load, serve_generation, llm_throughput, forgetting_study,
-hpo_efficiency, gpu_throughput);
+anchoring_quality, ner_conll, qa_study, serve_load, serve_generation, llm_throughput,
+forgetting_study, hpo_efficiency, gpu_throughput);
 where only <name>_quick.json exists it shows that smoke run, marked as such; where neither
 exists the section says "not yet measured" and gives the command. The page opens with an "At
 a glance" table (every target, the measured number, the verdict, full or smoke run), then
@@ -296,6 +296,60 @@ def render_ner_lowdata(low: dict[str, Any], s: dict[str, Any]) -> str:
         f"Low data: seeds {fmt(s['seeds'])}; grids {grids}; ≥ {s['lowdata_epochs']} epochs and "
         f"≥ {s['min_steps']} steps; winners chosen on a {s['val_sentences']}-sentence dev "
         f"subset, scored on the test set.{partial}\n\n{table}"
+    )
+
+
+QA_DATASETS = {"synthetic": "synthetic:qa", "squad": "SQuAD v1.1 dev subset"}
+
+
+def render_qa(d: dict[str, Any]) -> str:
+    """qa_study: per dataset, F1/EM per n and arm with the start F1, and the paired Δ."""
+    s = d["settings"]
+    parts = [
+        f"Packaged MiniLM, jobs/qa.yaml; seeds {fmt(s['seeds'])}; lr {fmt(s['lr'])} for every "
+        f"arm; coupled λ {fmt(s['lambda_coupled'])}, decoupled κ {fmt(s['kappa'])} (λ resolved "
+        f"per run); ≥ {s['epochs']} epochs and ≥ {s['min_steps']} steps; one evaluation at the "
+        f"end on {s['val']} validation questions per seed. Start: the base with its fresh span "
+        "head, untrained. samples/s counts windows (question + context piece)."
+    ]
+    if not d.get("complete", True):
+        parts.insert(0, "**Partial run** (stopped before every dataset finished).")
+    for name, label in QA_DATASETS.items():
+        out = d.get(name)
+        if isinstance(out, str):  # skipped (files missing) or not selected
+            parts.append(f"{label}: {out}.")
+        elif isinstance(out, dict):
+            parts.append(f"{label}:\n\n{qa_table(out)}")
+    return "\n\n".join(parts)
+
+
+def qa_table(out: dict[str, Any]) -> str:
+    rows = []
+    for r in out.get("summary", []):
+        plain = r["arm"] == "plain"
+        rows.append(
+            [
+                str(r["n"]),
+                r["arm"],
+                f"{pct(r['mean'])} ± {pct(r['std'])}",
+                f"{pct(r['em_mean'])} ± {pct(r['em_std'])}",
+                pct(r["start_f1_mean"]),
+                "–" if plain else f"{100 * r['delta_vs_plain_mean']:+.1f}",
+                "–" if plain else f"{100 * r['em_delta_vs_plain_mean']:+.1f}",
+                "–" if plain else f"{r['seeds_better_than_plain']}/{len(r['seeds'])}",
+                fmt(statistics.mean(r["selected_lambdas"])),
+                f"{r['samples_per_s_mean']:.1f}",
+                r["verdict"],
+            ]
+        )
+    partial = "" if out.get("complete", True) else "\n\n**Partial** (stopped before every cell)."
+    return (
+        md_table(
+            ["n", "arm", "F1 % (mean ± std)", "EM %", "start F1 %", "Δ F1 (pts)", "Δ EM (pts)"]
+            + ["seeds better", "λ", "samples/s", "verdict (F1)"],
+            rows,
+        )
+        + partial
     )
 
 
@@ -802,6 +856,17 @@ BENCHMARKS = (
         render_ner,
     ),
     Benchmark(
+        "qa_study",
+        "Extractive QA (SQuAD style): plain vs anchored",
+        "F1 and exact match (from the untrained start), samples/s and wall time of the packaged "
+        "MiniLM fine-tuned on tether's synthetic QA set (and SQuAD v1.1 where its files are "
+        "present) at n = 250 and 1000 questions, 3 seeds, plain vs coupled λ = 0.1 vs decoupled "
+        "κ = 1 at the same lr, with the paired difference to plain",
+        f"{PY} benchmarks/qa_study.py",
+        f"{PY} benchmarks/qa_study.py --quick",
+        render_qa,
+    ),
+    Benchmark(
         "serve_load",
         "Serving throughput and latency",
         "requests/s and p50/p99 latency of tether serve (batching on/off) vs a naive FastAPI "
@@ -1044,6 +1109,8 @@ def glance_rows(name: str, d: dict[str, Any]) -> list[list[str]]:
         return rows
     if name == "ner_conll":
         return ner_glance_rows(d)
+    if name == "qa_study":
+        return qa_glance_rows(d)
     if name == "llm_throughput":
         return llm_glance_rows(d)
     if name in ("forgetting_study", "forgetting_study_interp", "forgetting_study_plain_arms"):
@@ -1114,6 +1181,37 @@ def glance_rows(name: str, d: dict[str, Any]) -> list[list[str]]:
             )
         return rows
     return []
+
+
+def qa_glance_rows(d: dict[str, Any]) -> list[list[str]]:
+    """Plain's F1 at each n (and where it started), then each anchored arm's Δ to plain."""
+    rows = []
+    for name, label in QA_DATASETS.items():
+        out = d.get(name)
+        if isinstance(out, str) and name == "squad":
+            rows.append([f"QA on {label}", "–", out, "–"])
+        if not isinstance(out, dict):
+            continue
+        for r in out.get("summary", []):
+            if r["arm"] == "plain":
+                measured = (
+                    f"F1 {pct(r['mean'], 1)} ± {pct(r['std'], 1)}, EM {pct(r['em_mean'], 1)} "
+                    f"(start F1 {pct(r['start_f1_mean'], 1)}), {r['samples_per_s_mean']:.1f} "
+                    "samples/s"
+                )
+                rows.append([f"QA {label}, plain, n={r['n']}", "reference", measured, "–"])
+            else:
+                rows.append(
+                    [
+                        f"QA {label}, {r['arm']} vs plain, n={r['n']}",
+                        "report what is found",
+                        f"{100 * r['delta_vs_plain_mean']:+.1f} pts F1, "
+                        f"{100 * r['em_delta_vs_plain_mean']:+.1f} EM "
+                        f"({r['seeds_better_than_plain']}/{len(r['seeds'])} seeds better)",
+                        r["verdict"],
+                    ]
+                )
+    return rows
 
 
 def ner_glance_rows(d: dict[str, Any]) -> list[list[str]]:

@@ -101,3 +101,48 @@ def test_report_summarises_full_quick_missing_and_broken_results(tmp_path):
     assert "not measured" in by_title["GPU training throughput"][0][3]
     assert "not measured" in by_title["Does anchoring help? (low-data SST-2)"][0][3]
     assert "unreadable" in done.stdout  # the truncated file is named, not fatal
+
+
+def test_qa_summary_pairs_f1_and_em_and_the_report_renders_it():
+    """The QA study's rows carry EM beside F1, the untrained start, and skip unfinished seeds."""
+    qa = pytest.importorskip("qa_study")
+    report = pytest.importorskip("report")
+
+    def run(f1: float, em: float, lam: float = 0.0) -> dict:
+        return {"f1": f1, "exact_match": em, "selected": {"lambda": lam, "lr": 1e-4}}
+
+    out = {
+        "start": {"k0": {"f1": 0.05}, "k1": {"f1": 0.07}},
+        "cells": {
+            100: {
+                s: {
+                    "plain": run(0.50 + s / 10, 0.40) | extra,
+                    "coupled": run(0.60 + s / 10, 0.45, 0.1) | extra,
+                }
+                for s, extra in (
+                    (0, {"start_key": "k0", "samples_per_s": 8.0, "wall_s": 30.0}),
+                    (1, {"start_key": "k1", "samples_per_s": 10.0, "wall_s": 40.0}),
+                )
+            }
+            | {2: {"plain": run(0.9, 0.9)}},  # a seed still running: left out
+        },
+    }
+    for by_seed in out["cells"][100].values():
+        for cell in by_seed.values():
+            cell.setdefault("drift_l2", None)
+    plain, coupled = qa.summarize(out, ["plain", "coupled"])
+    assert plain["seeds"] == coupled["seeds"] == [0, 1]
+    assert coupled["delta_vs_plain_mean"] == pytest.approx(0.10)
+    assert coupled["em_delta_vs_plain_mean"] == pytest.approx(0.05)
+    assert coupled["start_f1_mean"] == pytest.approx(0.06)
+    assert plain["samples_per_s_mean"] == pytest.approx(9.0)
+    d = {
+        "settings": {"seeds": [0, 1], "lr": 1e-4, "lambda_coupled": 0.1, "kappa": 1.0}
+        | {"epochs": 2, "min_steps": 100, "val": 300},
+        "synthetic": out | {"summary": [plain, coupled]},
+        "squad": "skipped: squad/train-v1.1.json not found",
+    }
+    page = report.render_qa(d)
+    assert "| 100 | coupled | 65.00 ± 7.07 | 45.00 ± 0.00 | 6.00 | +10.0 | +5.0 | 2/2 |" in page
+    assert "skipped: squad/train-v1.1.json not found" in page
+    assert len(report.qa_glance_rows(d)) == 3  # plain's score, coupled's Δ, SQuAD's skip

@@ -148,6 +148,26 @@ def test_equal_eval_batch_counts_on_every_rank_cover_each_example_once():
     assert [len(b) for b in tiny] == [1, 1] and tiny[1][0][1] is False
 
 
+def test_grouped_rows_are_evaluated_together_on_one_rank():
+    """With groups (the windows of one QA context), every group's rows land in one batch on
+    one rank, each row once; ranks still run the same number of batches; a group larger
+    than the batch size gets a batch of its own."""
+    groups = np.array([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4, 4, 5, 6, 6])
+    lengths = np.arange(len(groups)) % 5 + 3
+    per_rank = [eval_batches(lengths, 3, r, 2, groups) for r in range(2)]
+    assert len({len(b) for b in per_rank}) == 1
+    counted = [i for batches in per_rank for i, c in batches if c]
+    assert sorted(np.concatenate(counted).tolist()) == list(range(len(groups)))
+    homes = {}
+    for rank, batches in enumerate(per_rank):
+        for b, (indices, c) in enumerate(batches):
+            for g in set(groups[indices].tolist()) if c else ():
+                assert g not in homes, f"group {g} split over batches"
+                homes[g] = (rank, b)
+                assert set(np.flatnonzero(groups == g)) <= set(indices.tolist())
+    assert any(len(i) == 5 for batches in per_rank for i, _ in batches)  # group 4: 5 rows
+
+
 # --------------------------------------------------------------------------- data edge cases
 
 

@@ -83,6 +83,18 @@ def scores(spec_dict: dict, data, tmp_path: Path, world: int) -> dict:
             },
             "tiny_model_dir",
         ),
+        (  # SQuAD v2.0-style: a third of the questions have no answer
+            "question-answering",
+            {
+                "train": "synthetic:qa-v2",
+                "unanswerable": True,
+                "max_validation_samples": 31,
+                "max_length": 48,
+                "doc_stride": 12,
+                "max_question_length": 16,
+            },
+            "tiny_model_dir",
+        ),
     ],
 )
 def test_two_workers_score_exactly_like_one(task, data, base, request, tmp_path):

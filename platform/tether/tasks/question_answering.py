@@ -256,9 +256,11 @@ class QuestionAnswering:
         """Summed exact match, F1 and examples; the same over answerable examples; no-answer
         examples answered with nothing, and their number; the summed loss and the windows."""
         start, end = span_logits(model, batch)
+        host = {k: v.cpu().numpy() for k, v in batch.items() if k != "input_ids"}
+        host["start"], host["end"] = start.cpu().numpy(), end.cpu().numpy()
         counts = np.zeros(self.num_counts())
-        for rows in example_rows(batch["example"].cpu().numpy()):
-            prediction, gold = self._predict(start, end, batch, rows)
+        for rows in example_rows(host["example"]):
+            prediction, gold = self._predict(host, rows)
             em, f1 = exact_match(prediction, gold), token_f1(prediction, gold)
             counts[0:3] += (em, f1, 1)
             if gold:
@@ -268,27 +270,22 @@ class QuestionAnswering:
         counts[8:10] = (float(window_loss(start, end, batch)), len(start))
         return torch.tensor(counts, dtype=torch.float64)
 
-    def _predict(self, start, end, batch, rows: np.ndarray) -> tuple[str, list[str]]:
-        """The predicted answer text of one example (its windows are ``rows``) and its gold
-        answers' texts."""
-        lengths = batch["attention_mask"].sum(dim=1).cpu().numpy()
-        char_start, char_end = batch["char_start"].cpu().numpy(), batch["char_end"].cpu().numpy()
-        windows = [
-            (
-                start[r, : lengths[r]].float().cpu().numpy(),
-                end[r, : lengths[r]].float().cpu().numpy(),
-                char_start[r, : lengths[r]],
-                char_end[r, : lengths[r]],
+    def _predict(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> tuple[str, list[str]]:
+        """The predicted answer text of one example (its windows are ``rows`` of the batch,
+        on the host) and its gold answers' texts."""
+        windows = []
+        for r in rows:
+            n = int(batch["attention_mask"][r].sum())
+            windows.append(
+                (batch["start"][r, :n], batch["end"][r, :n])
+                + (batch["char_start"][r, :n], batch["char_end"][r, :n])
             )
-            for r in rows
-        ]
         span, _ = best_answer(
             windows, self.max_answer_length, self.unanswerable, self.null_score_threshold
         )
         first = rows[0]
-        n_chars = int(batch["context_length"][first])
-        context = "".join(map(chr, batch["context"][first, :n_chars].tolist()))
-        spans = batch["answers"][first, : 2 * int(batch["num_answers"][first])].tolist()
+        context = "".join(map(chr, batch["context"][first, : batch["context_length"][first]]))
+        spans = batch["answers"][first, : 2 * batch["num_answers"][first]].tolist()
         gold = [context[spans[i] : spans[i + 1]] for i in range(0, len(spans), 2)]
         return ("" if span is None else context[span.start : span.end]), gold
 
