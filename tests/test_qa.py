@@ -343,3 +343,21 @@ def test_a_lora_qa_run_registers_and_its_champion_answers_through_pyfunc(
     shared = loaded.predictor.predict([QAItem(r["question"], r["context"]) for r in rows])
     assert [(a.answer, a.start) for a in shared] == [(a.answer, a.start) for a in want]
     assert [a.score for a in shared] == pytest.approx([a.score for a in want], abs=1e-5)
+
+
+def test_a_long_question_is_cut_and_every_window_fits(tokenizer):
+    """A question over max_question_length tokens is cut (and counted); every window holds
+    at most max_length tokens and some context, and the windows cover the whole context."""
+    question = "Which of the many towns named in this long and winding question " * 4
+    windows = encode_windows(tokenizer, [question, "Where?"], [CONTEXT, CONTEXT], 40, 8, 12)
+    assert windows.questions_cut == 1
+    assert all(len(ids) <= 40 for ids in windows.input_ids)
+    for example in (0, 1):
+        rows = [w for w, e in enumerate(windows.example) if e == example]
+        covered = set()
+        for w in rows:
+            starts = [c for c in windows.char_start[w] if c >= 0]
+            assert starts, "a window without context"
+            ends = [c for c in windows.char_end[w] if c >= 0]
+            covered |= set(range(min(starts), max(ends)))
+        assert covered >= {i for i, ch in enumerate(CONTEXT) if not ch.isspace()}

@@ -366,13 +366,17 @@ class Windows:
     questions_cut: int
 
 
-def cut_question(tokenizer, question: str, max_tokens: int) -> tuple[str, bool]:
-    """The question's first ``max_tokens`` tokens, as text (and whether it was cut)."""
-    enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
-    if len(offsets) <= max_tokens:
-        return question, False
-    return question[: offsets[max_tokens - 1][1]], True
+def cut_questions(tokenizer, questions: list[str], max_tokens: int) -> list[tuple[str, bool]]:
+    """Each question's first ``max_tokens`` tokens, as text, and whether it was cut (one
+    batched tokenizer call)."""
+    if not questions:
+        return []
+    enc = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for question, offsets in zip(questions, enc["offset_mapping"], strict=True):
+        cut = len(offsets) > max_tokens
+        out.append((question[: offsets[max_tokens - 1][1]] if cut else question, cut))
+    return out
 
 
 def encode_windows(
@@ -385,9 +389,9 @@ def encode_windows(
 ) -> Windows:
     """Tokenize pairs into windows of at most ``max_length`` tokens, ``doc_stride`` tokens of
     context shared by neighbours, with each token's character span in its context."""
-    cut = [cut_question(tokenizer, q, max_question_length) for q in questions]
     if not questions:
         return Windows([], None, [], [], [], 0)
+    cut = cut_questions(tokenizer, questions, max_question_length)
     enc = tokenizer(
         [q for q, _ in cut],
         contexts,
