@@ -138,6 +138,10 @@ def test_bad_answer_offsets_are_named_before_any_ray_work(tmp_path, packaged_mod
     _, data = prepare_run_data(spec)
     assert data.stats["train_skipped_bad_answers"] == 1
     assert data.stats["train_examples"] == 3 and data.stats["validation_examples"] == 4
+    rows[0]["question"] = "  "  # skip_bad skips answers off their offset, nothing else
+    write_rows(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"data.question_column: example q0"):
+        prepare_run_data(spec)
 
 
 def test_squad_files_load_in_both_versions(tmp_path, packaged_model_dir):
@@ -189,19 +193,29 @@ def test_squad_files_load_in_both_versions(tmp_path, packaged_model_dir):
     assert data.stats["train_unanswerable"] == 1
 
 
-def test_window_settings_that_cannot_advance_are_refused():
+def test_window_settings_that_cannot_advance_are_refused(tokenizer):
+    """In the spec (3 special tokens at least) and, with the tokenizer's own count, when
+    encoding; a minimal QA job validates with stride and question length derived from
+    max_length."""
     from tether.errors import SpecError
 
-    with pytest.raises(SpecError, match="data.doc_stride"):
+    with pytest.raises(SpecError, match=r"\n  - data\.doc_stride: a window"):
         validate_job(
             {
                 "model": {"task": "question-answering"},
                 "data": {"train": "synthetic:qa", "max_length": 64, "doc_stride": 48},
             }
         )
+    with pytest.raises(DataError, match="data.doc_stride"):
+        encode_windows(tokenizer, ["Where?"], [CONTEXT], 40, 20, 17)  # 17 + 20 + 3 = 40
+    task = QuestionAnswering.from_spec(
+        validate_job({"model": {"task": "question-answering"}, "data": {"train": "synthetic:qa"}})
+    )
+    assert (task.max_length, task.doc_stride, task.max_question_length) == (128, 32, 32)
 
 
 def test_the_task_card_round_trips():
+    """What serving rebuilds from the card is the task that trained."""
     task = QuestionAnswering(max_length=96, doc_stride=24, unanswerable=True, max_answer_length=12)
     again = QuestionAnswering.from_card(task.card())
     assert again.card() == task.card()
@@ -361,3 +375,49 @@ def test_a_long_question_is_cut_and_every_window_fits(tokenizer):
             ends = [c for c in windows.char_end[w] if c >= 0]
             covered |= set(range(min(starts), max(ends)))
         assert covered >= {i for i, ch in enumerate(CONTEXT) if not ch.isspace()}
+
+
+def test_questions_are_cut_to_at_most_the_limit_with_a_byte_level_tokenizer(tiny_llama_dir):
+    """SmolLM2's byte-level BPE: a question cut at the end of token k may re-tokenize into
+    more than k tokens; cut before token k+1 it never does. And a tokenizer without a CLS
+    token is refused for QA, naming why, before any training."""
+    from tether.models import load_tokenizer
+    from tether.tasks.question_answering import cut_questions
+
+    llama = load_tokenizer(str(tiny_llama_dir))
+    questions = ["Wo liegt 青山駅 🚉 und wann fährt der Zug nach Łódź ab? 🙂🙂 " * 2]
+    for k in (3, 5, 8, 11, 17):
+        (cut, was_cut), *_ = cut_questions(llama, questions, k)
+        assert was_cut and len(llama(cut, add_special_tokens=False)["input_ids"]) <= k
+    task = QuestionAnswering(max_length=64, doc_stride=16, max_question_length=16)
+    with pytest.raises(DataError, match="CLS token"):
+        task.encode(qa_rows(2), llama, "train")
+
+
+def test_left_padding_tokenizers_answer_the_same_alone_or_batched(tiny_model_dir, tmp_path):
+    """The predictor pads right whatever the tokenizer's side, so an answer does not depend on
+    what else shares its forward pass; contexts that need too many windows are refused."""
+    from tether.tasks.predict import RequestTooLarge
+    from tether.tasks.qa_serving import QAItem
+
+    task = QuestionAnswering(max_length=48, doc_stride=12, max_question_length=16)
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(5)
+    task.load_model(str(tiny_model_dir), None, False).model.save_pretrained(tmp_path)
+    tokenizer = task.load_tokenizer(str(tiny_model_dir), None, False)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(tmp_path)
+    predictor = task.predictor(tmp_path, task.card(), 4096)
+    assert predictor.tokenizer.padding_side == "left"
+    short = QAItem("When?", "In 1871.")
+    long = QAItem("Where was Zoë born?", CONTEXT)
+    alone = predictor.predict([short])[0]
+    together = predictor.predict([long, short])[1]
+    assert (together.answer, together.start) == (alone.answer, alone.start)
+    assert together.score == pytest.approx(alone.score, rel=1e-5)
+    request = task.request_model(64, 20000)
+    body = request.model_validate({"items": [{"question": "Where?", "context": CONTEXT * 40}] * 8})
+    with pytest.raises(RequestTooLarge, match="windows"):
+        predictor.items(body)
+    fits = request.model_validate({"items": [{"question": "Where?", "context": CONTEXT}] * 8})
+    assert len(predictor.items(fits)) == 8

@@ -113,11 +113,12 @@ class DataSection(_Section):
     context; SQuAD v1.1/v2.0 JSON files are read into this layout)."""
     id_column: str = "id"
     """question-answering: the example id that errors name (else the file and line)."""
-    doc_stride: int = Field(128, ge=1)
-    """question-answering: tokens shared by consecutive windows of a long context."""
-    max_question_length: int = Field(64, ge=1)
-    """question-answering: questions are cut to this many tokens (the rest of max_length
-    reads the context)."""
+    doc_stride: int | None = Field(None, ge=1)
+    """question-answering: tokens shared by consecutive windows of a long context (default:
+    a quarter of max_length)."""
+    max_question_length: int | None = Field(None, ge=1)
+    """question-answering: questions are cut to this many tokens, the rest of max_length
+    reads the context (default: a quarter of max_length)."""
     unanswerable: bool = False
     """question-answering: questions may have no answer in the context (SQuAD v2.0); the
     model may then answer nothing (eval.null_score_threshold)."""
@@ -375,7 +376,7 @@ class JobSpec(_Section):
     scaling: ScalingSection = ScalingSection()
     storage: StorageSection = StorageSection()
     eval: EvalSection = EvalSection()
-    """Generation and forgetting measurements (causal-lm)."""
+    """Generation and forgetting (causal-lm), span decoding (question-answering)."""
     tune: TuneSection | None = None
     """Hyperparameter search settings; used by `tether tune` only."""
     tracking: TrackingSection = TrackingSection()
@@ -400,18 +401,9 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _windows_fit(self) -> JobSpec:
-        d = self.data
-        if self.model.task == "question-answering" and (
-            d.max_question_length + d.doc_stride + 3 >= d.max_length
-        ):
-            # every window holds the question, 3 special tokens and the stride's overlap,
-            # and must still move forward through the context
-            raise ValueError(
-                f"data.doc_stride: a window of data.max_length {d.max_length} tokens must "
-                f"hold the question (data.max_question_length {d.max_question_length}), 3 "
-                f"special tokens and the overlap (data.doc_stride {d.doc_stride}) and still "
-                "advance; lower doc_stride or max_question_length, or raise max_length"
-            )
+        if self.model.task == "question-answering":
+            d = self.data
+            check_windows(d.max_length, qa_stride(d), qa_question_length(d), 3)
         return self
 
     @model_validator(mode="after")
@@ -466,6 +458,26 @@ class JobSpec(_Section):
         if self.objective.strength is not None:
             out["objective"].pop("lambda", None)
         return out
+
+
+def qa_stride(data: DataSection) -> int:
+    return data.doc_stride or data.max_length // 4
+
+
+def qa_question_length(data: DataSection) -> int:
+    return data.max_question_length or data.max_length // 4
+
+
+def check_windows(max_length: int, doc_stride: int, max_question: int, specials: int) -> None:
+    """Every window holds the question, the special tokens and the stride's overlap, and must
+    still move forward through the context."""
+    if max_question + doc_stride + specials >= max_length:
+        raise ValueError(
+            f"data.doc_stride: a window of data.max_length {max_length} tokens must hold the "
+            f"question (data.max_question_length {max_question}), {specials} special tokens "
+            f"and the overlap (data.doc_stride {doc_stride}) and still advance; lower "
+            "doc_stride or max_question_length, or raise max_length"
+        )
 
 
 # --------------------------------------------------------------------------- overrides
@@ -589,10 +601,10 @@ def _format_error(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     value = err.get("input")
-    if isinstance(value, dict) and err["type"] != "model_type":
-        return f"{key}: {msg}"
     if err["type"] == "value_error" and not err["loc"]:
         return msg.removeprefix("Value error, ")  # our own validators name their key
+    if isinstance(value, dict) and err["type"] != "model_type":
+        return f"{key}: {msg}"
     return f"{key}: {msg} (got {value!r})"
 
 

@@ -84,13 +84,18 @@ def _row_batches(lengths: np.ndarray, batch_size: int, rank: int, world: int) ->
     return [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
 
 
+def group_rows(groups: np.ndarray) -> list[np.ndarray]:
+    """The rows of each group (sorted), groups in order of first appearance."""
+    order = np.argsort(groups, kind="stable")
+    cuts = np.flatnonzero(np.diff(groups[order])) + 1
+    parts = np.split(order, cuts) if len(order) else []
+    return sorted(parts, key=lambda rows: int(rows[0]))
+
+
 def _group_batches(
     lengths: np.ndarray, groups: np.ndarray, batch_size: int, rank: int, world: int
 ) -> list[np.ndarray]:
-    ids, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")  # groups in the order they appear
-    mine = order[rank::world]
-    rows = [np.flatnonzero(inverse == g) for g in mine]
+    rows = group_rows(groups)[rank::world]
     rows.sort(key=lambda r: int(lengths[r].max()))  # similar lengths pad less
     batches: list[list[np.ndarray]] = []
     for r in rows:

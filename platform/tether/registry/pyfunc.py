@@ -1,5 +1,7 @@
 """The MLflow pyfunc wrapper: ``mlflow.pyfunc.load_model(uri).predict(df)`` runs the task's
-own predictor on the first column of ``df`` and returns one row per input.
+own predictor on the first column of ``df`` (or, for a predictor that names its
+``frame_columns``, on those: a QA model's question and context) and returns one row per
+input.
 
 Nested prediction fields are spread into columns where that reads well (a classifier's
 probabilities become ``p_<label>``) and kept as JSON text otherwise (a tagger's entities).
@@ -52,8 +54,12 @@ class TetherModel(mlflow.pyfunc.PythonModel):
         self.predictor = load_predictor(Path(context.artifacts[HF_ARTIFACT]))
 
     def predict(self, context, model_input, params=None):
-        if hasattr(model_input, "iloc") and model_input.shape[1] > 1:
-            column = model_input.to_dict(orient="records")  # e.g. question and context
+        wanted = getattr(self.predictor, "frame_columns", None)  # e.g. question, context
+        if hasattr(model_input, "iloc") and wanted:
+            missing = [c for c in wanted if c not in model_input.columns]
+            if missing:
+                raise ValueError(f"the input DataFrame needs the columns {list(wanted)}")
+            column = model_input[list(wanted)].to_dict(orient="records")
         elif hasattr(model_input, "iloc"):  # a DataFrame: the first column holds the inputs
             column = list(model_input.iloc[:, 0])
         else:

@@ -287,14 +287,14 @@ class AdapterPool:
 
 
 class HeadAdapterPool(AdapterPool):
-    """Adapters for the /v1/predict tasks (classifiers, taggers) on one base encoder.
+    """Adapters for the /v1/predict tasks (classifiers, taggers, QA) on one base encoder.
 
     Each adapter carries its own head and label set (peft's ``modules_to_save``), so two
     adapters may predict different labels, even a different number of them. Rows of different
     adapters cannot share a forward pass (their heads differ in shape): the replica groups a
     batch by adapter, and each group runs with its adapter active. A request without an
     adapter goes to the base's own head when the base is a tether-trained model of the same
-    task (its card names the labels); a pretrained base has no head to answer with.
+    task (its card says so); a pretrained base has no head to answer with.
     """
 
     def __init__(self, task_name: str, base_dir: Path, max_batch_tokens: int, executor=None):

@@ -70,7 +70,7 @@ from tether.serving.model import (
     resolve_model_dir,
 )
 from tether.tasks import TASKS, task_class
-from tether.tasks.predict import DEFAULT_MAX_BATCH_TOKENS
+from tether.tasks.predict import DEFAULT_MAX_BATCH_TOKENS, RequestTooLarge
 
 API_KEY_ENV = "TETHER_API_KEY"
 # Serve's model multiplexing header: it picks the adapter, and Serve routes the request to a
@@ -392,7 +392,10 @@ class Replica:
         body = await read_limited_body(request.stream(), self.limits.max_body_bytes)
         payload = parse_json(body, self.limits.max_json_depth)
         validated = validate_body(payload, self.request_model)
-        return self.loaded_model().predictor.items(validated)
+        try:
+            return self.loaded_model().predictor.items(validated)
+        except RequestTooLarge as e:  # e.g. QA contexts that need too many windows
+            raise RequestError(422, "invalid_input", str(e), e.param) from None
 
     def predict(self, model: ServedModel, items: list[Any]) -> list[BaseModel]:
         if "delay" in self.faults:

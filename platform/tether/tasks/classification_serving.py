@@ -11,6 +11,7 @@ from tether.tasks.predict import (
     DEFAULT_MAX_BATCH_TOKENS,
     length_sorted_chunks,
     load_for_inference,
+    pad_right,
     served_max_length,
 )
 
@@ -101,9 +102,8 @@ class ClassificationPredictor:
         truncated = truncation_flags(self.tokenizer, encoded, texts, self.max_length)
         probabilities: list[torch.Tensor | None] = [None] * len(texts)
         for chunk in length_sorted_chunks(encoded["input_ids"], self.max_batch_tokens):
-            features = self.tokenizer.pad(
-                {key: [encoded[key][i] for i in chunk] for key in encoded.keys()},
-                return_tensors="pt",
+            features = pad_right(
+                self.tokenizer, {key: [encoded[key][i] for i in chunk] for key in encoded.keys()}
             )
             with torch.inference_mode():
                 logits = self.model(**features).logits

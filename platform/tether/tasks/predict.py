@@ -61,6 +61,20 @@ def length_sorted_chunks(input_ids: list[list[int]], max_batch_tokens: int) -> l
     return chunks
 
 
+def pad_right(tokenizer, features: dict[str, list]) -> dict[str, torch.Tensor]:
+    """A chunk padded on the right whatever the tokenizer's own side (Llama-family tokenizers
+    pad left): predictors read row ``i``'s outputs at positions ``0..len(i)-1``."""
+    return tokenizer.pad(features, padding_side="right", return_tensors="pt")
+
+
+class RequestTooLarge(ValueError):
+    """A request whose items need more compute than one request may ask for (a 422)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
     """Dynamic int8 quantization of every Linear (CPU inference; weights int8, activations fp32)."""
     from torch.ao.quantization import quantize_dynamic

@@ -19,12 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 from tether.tasks.classification_serving import text_type
 from tether.tasks.predict import (
     DEFAULT_MAX_BATCH_TOKENS,
+    RequestTooLarge,
     length_sorted_chunks,
     load_for_inference,
+    pad_right,
     served_max_length,
 )
-from tether.tasks.question_answering import encode_windows
+from tether.tasks.question_answering import cut_questions, encode_windows
 from tether.tasks.spans import best_answer
+
+# windows one request may need: each is a forward pass of up to max_length tokens, and a
+# request's 64 contexts of 20,000 characters could otherwise ask for over a thousand
+MAX_WINDOWS_PER_REQUEST = 256
 
 EXAMPLE = {
     "question": "Where was Lena Okafor born?",
@@ -71,6 +77,7 @@ class QAItem:
 
 class AnswerPredictor:
     Prediction = AnswerPrediction
+    frame_columns = ("question", "context")  # what a pyfunc DataFrame must hold
 
     def __init__(
         self,
@@ -89,13 +96,47 @@ class AnswerPredictor:
     def items(self, request: BaseModel) -> list[QAItem]:
         body = request.root
         questions = body.items if hasattr(body, "items") else [body]
-        return [QAItem(q.question, q.context) for q in questions]
+        items = [QAItem(q.question, q.context) for q in questions]
+        if self.most_windows(items) <= MAX_WINDOWS_PER_REQUEST:
+            return items  # surely within the limit: no need to tokenize here
+        windows = self.count_windows(items)
+        if windows > MAX_WINDOWS_PER_REQUEST:
+            raise RequestTooLarge(
+                f"context: the contexts need {windows} windows of {self.max_length} tokens; "
+                f"one request may need at most {MAX_WINDOWS_PER_REQUEST} (send fewer or "
+                "shorter contexts per request)",
+                "context",
+            )
+        return items
+
+    def most_windows(self, items: list[QAItem]) -> int:
+        """An upper bound on the windows, from characters alone: a token is at least one
+        character, and each window after an item's first reads at least this many new ones."""
+        task = self.task
+        specials = self.tokenizer.num_special_tokens_to_add(pair=True)
+        fresh = self.max_length - specials - task.max_question_length - task.doc_stride
+        return sum(1 + -(-len(i.context) // max(1, fresh)) for i in items)
+
+    def count_windows(self, items: list[QAItem]) -> int:
+        """Windows the items' contexts take, as ``encode_windows`` splits them (without
+        tokenizing the pairs)."""
+        task = self.task
+        cut = cut_questions(self.tokenizer, [i.question for i in items], task.max_question_length)
+        asked = self.tokenizer([q for q, _ in cut], add_special_tokens=False)["input_ids"]
+        read = self.tokenizer([i.context for i in items], add_special_tokens=False)["input_ids"]
+        specials = self.tokenizer.num_special_tokens_to_add(pair=True)
+        total = 0
+        for question, context in zip(asked, read, strict=True):
+            room = self.max_length - specials - len(question)  # context tokens per window
+            beyond = max(0, len(context) - room)
+            total += 1 + -(-beyond // (room - task.doc_stride))  # ceil division
+        return total
 
     def item_length(self, item: QAItem) -> int:
         return len(item.question) + len(item.context)
 
     def frame_items(self, column: list[Any]) -> list[QAItem]:
-        """Rows of a DataFrame with question and context columns (as dicts)."""
+        """Rows of a DataFrame's ``frame_columns`` (as dicts)."""
         return [QAItem(str(row["question"]), str(row["context"])) for row in column]
 
     def example(self) -> dict[str, Any]:
@@ -116,7 +157,7 @@ class AnswerPredictor:
             features = {"input_ids": [windows.input_ids[j] for j in chunk]}
             if windows.token_type_ids is not None:
                 features["token_type_ids"] = [windows.token_type_ids[j] for j in chunk]
-            padded = self.tokenizer.pad(features, return_tensors="pt")
+            padded = pad_right(self.tokenizer, features)
             with torch.inference_mode():
                 out = self.model(**padded)
             for row, j in enumerate(chunk):

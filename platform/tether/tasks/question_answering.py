@@ -30,10 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from tether.data import DataError, Encoded, Ragged, where
+from tether.data.batching import group_rows
 from tether.tasks import model_inputs
 from tether.tasks.spans import NULL_POSITION, best_answer, exact_match, token_f1
 
 NO_CHAR = -1  # a token that is not part of the context (question, special, padding)
+
+
+class AnswerOffsetError(DataError):
+    """An answer that is not where its offset says (what ``data.skip_bad`` skips)."""
 
 
 @dataclass(frozen=True)
@@ -67,19 +72,21 @@ class QuestionAnswering:
 
     @classmethod
     def from_spec(cls, spec) -> QuestionAnswering:
+        from tether.config import qa_question_length, qa_stride
+
         d, e = spec.data, spec.eval
         return cls(
-            d.question_column,
-            d.context_column,
-            d.answers_column,
-            d.id_column,
-            d.max_length,
-            d.doc_stride,
-            d.max_question_length,
-            d.unanswerable,
-            d.skip_bad,
-            e.max_answer_length,
-            e.null_score_threshold,
+            question_column=d.question_column,
+            context_column=d.context_column,
+            answers_column=d.answers_column,
+            id_column=d.id_column,
+            max_length=d.max_length,
+            doc_stride=qa_stride(d),
+            max_question_length=qa_question_length(d),
+            unanswerable=d.unanswerable,
+            skip_bad=d.skip_bad,
+            max_answer_length=e.max_answer_length,
+            null_score_threshold=e.null_score_threshold,
         )
 
     @classmethod
@@ -97,7 +104,9 @@ class QuestionAnswering:
         return self  # spans have no label set
 
     def cache_key(self) -> dict[str, Any]:
-        return {"name": self.name} | dataclasses.asdict(self)
+        decoding = ("max_answer_length", "null_score_threshold", "labels")  # not the encoding
+        kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in decoding}
+        return {"name": self.name} | kept
 
     def num_counts(self) -> int:
         return 10
@@ -109,7 +118,8 @@ class QuestionAnswering:
 
     def example(self, row: dict) -> QAExample:
         """One row, checked: text fields present, every answer at its offset."""
-        ident = str(row.get(self.id_column) or where(row))
+        ident = row.get(self.id_column)
+        ident = where(row) if ident is None or ident == "" else str(ident)
         question, context = row.get(self.question_column), row.get(self.context_column)
         for key, column, value in (
             ("question_column", self.question_column, question),
@@ -131,7 +141,7 @@ class QuestionAnswering:
             start = int(start)
             found = context[start : start + len(text)] if 0 <= start <= len(context) else ""
             if found != text:
-                raise DataError(
+                raise AnswerOffsetError(
                     f"data.answers_column: example {ident} ({where(row)}): answer {text!r:.60} "
                     f"is not at answer_start {start} of its context, which reads {found!r:.60} "
                     "there (set data.skip_bad: true to count and skip such examples)"
@@ -170,12 +180,13 @@ class QuestionAnswering:
         )
 
     def examples(self, rows: list[dict]) -> tuple[list[QAExample], int]:
-        """Checked examples and how many were skipped as bad (only with ``skip_bad``)."""
+        """Checked examples and how many were skipped for an answer that is not at its offset
+        (only with ``skip_bad``; any other bad value still fails)."""
         out, bad = [], 0
         for row in rows:
             try:
                 out.append(self.example(row))
-            except DataError:
+            except AnswerOffsetError:
                 if not self.skip_bad:
                     raise
                 bad += 1
@@ -185,6 +196,11 @@ class QuestionAnswering:
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("question-answering needs a fast tokenizer (for character offsets)")
         examples, bad = self.examples(rows)
+        if tokenizer.cls_token_id is None:
+            raise DataError(
+                "question-answering needs an encoder whose tokenizer starts each window with a "
+                "CLS token (BERT, RoBERTa, ...): windows without the answer point at it"
+            )
         windows = encode_windows(
             tokenizer,
             [e.question for e in examples],
@@ -220,10 +236,13 @@ class QuestionAnswering:
             pad_values={"char_start": NO_CHAR, "char_end": NO_CHAR},
             group_field="example",
         )
+        per_example = np.bincount(windows.example) if windows.example else np.zeros(1, int)
         stats = {
             "examples": len(examples),
             "windows": len(windows.input_ids),
-            "split_contexts": int(np.sum(np.bincount(windows.example) > 1)),
+            "split_contexts": int(np.sum(per_example > 1)),
+            # one example's windows are evaluated in one forward pass, whatever the batch size
+            "most_windows": int(per_example.max()),
             "questions_cut": windows.questions_cut,
             "skipped_bad_answers": bad,
             "unanswerable": sum(not e.answers for e in examples),
@@ -259,7 +278,7 @@ class QuestionAnswering:
         host = {k: v.cpu().numpy() for k, v in batch.items() if k != "input_ids"}
         host["start"], host["end"] = start.cpu().numpy(), end.cpu().numpy()
         counts = np.zeros(self.num_counts())
-        for rows in example_rows(host["example"]):
+        for rows in group_rows(host["example"]):
             prediction, gold = self._predict(host, rows)
             em, f1 = exact_match(prediction, gold), token_f1(prediction, gold)
             counts[0:3] += (em, f1, 1)
@@ -284,6 +303,8 @@ class QuestionAnswering:
             windows, self.max_answer_length, self.unanswerable, self.null_score_threshold
         )
         first = rows[0]
+        if batch["context_length"][first] == 0:  # its first window holds the gold data
+            raise ValueError("question-answering: an example's first window is not in its batch")
         context = "".join(map(chr, batch["context"][first, : batch["context_length"][first]]))
         spans = batch["answers"][first, : 2 * batch["num_answers"][first]].tolist()
         gold = [context[spans[i] : spans[i + 1]] for i in range(0, len(spans), 2)]
@@ -375,7 +396,9 @@ def cut_questions(tokenizer, questions: list[str], max_tokens: int) -> list[tupl
     out = []
     for question, offsets in zip(questions, enc["offset_mapping"], strict=True):
         cut = len(offsets) > max_tokens
-        out.append((question[: offsets[max_tokens - 1][1]] if cut else question, cut))
+        # up to where token k+1 starts: a byte-level BPE may re-tokenize text cut at the end
+        # of token k into more than k tokens, never text cut before the next one begins
+        out.append((question[: offsets[max_tokens][0]] if cut else question, cut))
     return out
 
 
@@ -391,6 +414,13 @@ def encode_windows(
     context shared by neighbours, with each token's character span in its context."""
     if not questions:
         return Windows([], None, [], [], [], 0)
+    from tether.config import check_windows
+
+    try:  # the tokenizer's own special tokens (RoBERTa's pairs take 4, BERT's 3)
+        specials = tokenizer.num_special_tokens_to_add(pair=True)
+        check_windows(max_length, doc_stride, max_question_length, specials)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     cut = cut_questions(tokenizer, questions, max_question_length)
     enc = tokenizer(
         [q for q, _ in cut],
@@ -472,12 +502,6 @@ def window_loss(start: torch.Tensor, end: torch.Tensor, batch) -> torch.Tensor:
     s = F.cross_entropy(start, batch["start_positions"].long(), reduction="sum")
     e = F.cross_entropy(end, batch["end_positions"].long(), reduction="sum")
     return (s + e) / 2
-
-
-def example_rows(examples: np.ndarray) -> list[np.ndarray]:
-    """The batch rows of each example, in order of first appearance."""
-    _, first, inverse = np.unique(examples, return_index=True, return_inverse=True)
-    return [np.flatnonzero(inverse == g) for g in np.argsort(first, kind="stable")]
 
 
 def _is_offset(value) -> bool:

@@ -78,9 +78,12 @@ def window_best(
 ) -> tuple[Span | None, float, float]:
     """The best span of one window (None if it has no valid one), its no-answer score and
     no-answer probability. ``char_start``/``char_end`` are -1 where a token is not context."""
+    p_start, p_end = _softmax(start_logits), _softmax(end_logits)
+    null = _null(start_logits, end_logits)
+    null_probability = float(p_start[NULL_POSITION] * p_end[NULL_POSITION])
     context = char_start >= 0
     if not context.any():
-        return None, _null(start_logits, end_logits), 0.0
+        return None, null, null_probability
     starts = _top(start_logits, context, n_best)
     ends = _top(end_logits, context, n_best)
     best: tuple[float, int, int] | None = None
@@ -91,9 +94,6 @@ def window_best(
             score = float(start_logits[s] + end_logits[e])
             if best is None or score > best[0]:
                 best = (score, int(s), int(e))
-    p_start, p_end = _softmax(start_logits), _softmax(end_logits)
-    null = _null(start_logits, end_logits)
-    null_probability = float(p_start[NULL_POSITION] * p_end[NULL_POSITION])
     if best is None:
         return None, null, null_probability
     score, s, e = best

@@ -23,6 +23,7 @@ from tether.tasks.predict import (
     DEFAULT_MAX_BATCH_TOKENS,
     length_sorted_chunks,
     load_for_inference,
+    pad_right,
     served_max_length,
 )
 
@@ -143,8 +144,8 @@ class EntityPredictor:
             max_length=self.max_length,
         )
         for chunk in length_sorted_chunks(encoded["input_ids"], self.max_batch_tokens):
-            features = self.tokenizer.pad(
-                {k: [encoded[k][j] for j in chunk] for k in encoded.keys()}, return_tensors="pt"
+            features = pad_right(
+                self.tokenizer, {k: [encoded[k][j] for j in chunk] for k in encoded.keys()}
             )
             with torch.inference_mode():
                 probs = torch.softmax(self.model(**features).logits.float(), dim=-1)
