@@ -119,12 +119,19 @@ def qa_job(train, validation, model, **data) -> dict:
     }
 
 
-def test_bad_answer_offsets_are_named_before_any_ray_work(tmp_path, packaged_model_dir):
+def test_bad_answer_offsets_are_named_before_any_ray_work(
+    tmp_path, packaged_model_dir, monkeypatch
+):
     """An answer that is not at its offset names the example id and what the context reads
-    there, from the driver's data preparation (no Ray started); data.skip_bad counts it."""
-    import ray
+    there, from the driver's data preparation (a training run fails before it would start
+    Ray); data.skip_bad counts it."""
+    import tether.run
+    from tether.run import prepare_run_data, run_training
 
-    from tether.run import prepare_run_data
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the data was checked")
+
+    monkeypatch.setattr(tether.run, "ensure_ray", no_ray)
 
     rows = qa_rows()
     rows[2]["answers"]["answer_start"] = [rows[2]["answers"]["answer_start"][0] + 1]
@@ -132,8 +139,7 @@ def test_bad_answer_offsets_are_named_before_any_ray_work(tmp_path, packaged_mod
     val = write_rows(tmp_path / "val.jsonl", qa_rows())
     spec = validate_job(qa_job(train, val, packaged_model_dir))
     with pytest.raises(DataError, match=r"example q2 \(train.jsonl line 3\).*'Łódź'.*'ódź,'"):
-        prepare_run_data(spec)
-    assert not ray.is_initialized()
+        run_training(spec)
     spec = validate_job(qa_job(train, val, packaged_model_dir, skip_bad=True))
     _, data = prepare_run_data(spec)
     assert data.stats["train_skipped_bad_answers"] == 1
