@@ -427,3 +427,8 @@ def test_left_padding_tokenizers_answer_the_same_alone_or_batched(tiny_model_dir
         predictor.items(body)
     fits = request.model_validate({"items": [{"question": "Where?", "context": CONTEXT}] * 8})
     assert len(predictor.items(fits)) == 8
+    many = [QAItem("Where was Zoë born and when?", CONTEXT * k) for k in (1, 3, 7)]
+    windows = encode_windows(
+        predictor.tokenizer, *zip(*[(i.question, i.context) for i in many]), 48, 12, 16
+    )
+    assert predictor.count_windows(many) == len(windows.input_ids)  # counted as split

@@ -945,7 +945,7 @@ def test_qa_app_answers_with_offsets_that_slice_the_context(server, qa_model):
         assert answers[0]["windows"] > 1 and answers[1]["windows"] == 1
         missing = c.post("/v1/predict", json={"question": "Where?"})
         assert missing.status_code == 422 and "context" in missing.json()["message"]
-        huge = [{"question": "Where?", "context": context * 25}] * 4  # too many windows
+        huge = [{"question": "Where?", "context": context * 25}] * 8  # ~370 windows
         refused = c.post("/v1/predict", json={"items": huge})
         assert refused.status_code == 422 and "windows" in refused.json()["message"]
         schema = c.get("/openapi.json").json()

@@ -122,8 +122,10 @@ class AnswerPredictor:
         tokenizing the pairs)."""
         task = self.task
         cut = cut_questions(self.tokenizer, [i.question for i in items], task.max_question_length)
-        asked = self.tokenizer([q for q, _ in cut], add_special_tokens=False)["input_ids"]
-        read = self.tokenizer([i.context for i in items], add_special_tokens=False)["input_ids"]
+        # counted, not fed to the model: no "longer than the maximum" warning
+        tokens = dict(add_special_tokens=False, verbose=False)
+        asked = self.tokenizer([q for q, _ in cut], **tokens)["input_ids"]
+        read = self.tokenizer([i.context for i in items], **tokens)["input_ids"]
         specials = self.tokenizer.num_special_tokens_to_add(pair=True)
         total = 0
         for question, context in zip(asked, read, strict=True):
