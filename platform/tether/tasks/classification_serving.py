@@ -9,9 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints
 
 from tether.tasks.predict import (
     DEFAULT_MAX_BATCH_TOKENS,
-    length_sorted_chunks,
+    forward_chunks,
     load_for_inference,
-    pad_right,
     served_max_length,
 )
 
@@ -101,13 +100,11 @@ class ClassificationPredictor:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         truncated = truncation_flags(self.tokenizer, encoded, texts, self.max_length)
         probabilities: list[torch.Tensor | None] = [None] * len(texts)
-        for chunk in length_sorted_chunks(encoded["input_ids"], self.max_batch_tokens):
-            features = pad_right(
-                self.tokenizer, {key: [encoded[key][i] for i in chunk] for key in encoded.keys()}
-            )
-            with torch.inference_mode():
-                logits = self.model(**features).logits
-            for row, i in zip(torch.softmax(logits.float(), dim=-1), chunk, strict=True):
+        for chunk, outputs in forward_chunks(
+            self.model, self.tokenizer, encoded, self.max_batch_tokens
+        ):
+            probs = torch.softmax(outputs.logits.float(), dim=-1)
+            for row, i in zip(probs, chunk, strict=True):
                 probabilities[i] = row
         return [self._prediction(p, cut) for p, cut in zip(probabilities, truncated, strict=True)]
 

@@ -61,6 +61,17 @@ def length_sorted_chunks(input_ids: list[list[int]], max_batch_tokens: int) -> l
     return chunks
 
 
+def forward_chunks(model, tokenizer, features, max_batch_tokens: int):
+    """(row indices, model outputs) per forward pass over ``features`` (token-id lists per
+    row, e.g. input_ids and token_type_ids): rows grouped by ``length_sorted_chunks`` and
+    padded right, so row ``i``'s outputs sit at positions ``0..len(i)-1``."""
+    for chunk in length_sorted_chunks(features["input_ids"], max_batch_tokens):
+        padded = pad_right(tokenizer, {k: [features[k][i] for i in chunk] for k in features})
+        with torch.inference_mode():
+            outputs = model(**padded)
+        yield chunk, outputs
+
+
 def pad_right(tokenizer, features: dict[str, list]) -> dict[str, torch.Tensor]:
     """A chunk padded on the right whatever the tokenizer's own side (Llama-family tokenizers
     pad left): predictors read row ``i``'s outputs at positions ``0..len(i)-1``."""

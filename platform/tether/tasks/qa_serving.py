@@ -13,16 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from tether.tasks.classification_serving import text_type
 from tether.tasks.predict import (
     DEFAULT_MAX_BATCH_TOKENS,
     RequestTooLarge,
-    length_sorted_chunks,
+    forward_chunks,
     load_for_inference,
-    pad_right,
     served_max_length,
 )
 from tether.tasks.question_answering import cut_questions, encode_windows
@@ -155,13 +153,12 @@ class AnswerPredictor:
             task.max_question_length,
         )
         logits: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(windows.input_ids)
-        for chunk in length_sorted_chunks(windows.input_ids, self.max_batch_tokens):
-            features = {"input_ids": [windows.input_ids[j] for j in chunk]}
-            if windows.token_type_ids is not None:
-                features["token_type_ids"] = [windows.token_type_ids[j] for j in chunk]
-            padded = pad_right(self.tokenizer, features)
-            with torch.inference_mode():
-                out = self.model(**padded)
+        features = {"input_ids": windows.input_ids}
+        if windows.token_type_ids is not None:
+            features["token_type_ids"] = windows.token_type_ids
+        for chunk, out in forward_chunks(
+            self.model, self.tokenizer, features, self.max_batch_tokens
+        ):
             for row, j in enumerate(chunk):
                 n = len(windows.input_ids[j])
                 logits[j] = (

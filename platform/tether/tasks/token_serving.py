@@ -21,9 +21,8 @@ from tether.tasks.classification_serving import text_type
 from tether.tasks.entities import entities
 from tether.tasks.predict import (
     DEFAULT_MAX_BATCH_TOKENS,
-    length_sorted_chunks,
+    forward_chunks,
     load_for_inference,
-    pad_right,
     served_max_length,
 )
 
@@ -143,12 +142,10 @@ class EntityPredictor:
             truncation=True,
             max_length=self.max_length,
         )
-        for chunk in length_sorted_chunks(encoded["input_ids"], self.max_batch_tokens):
-            features = pad_right(
-                self.tokenizer, {k: [encoded[k][j] for j in chunk] for k in encoded.keys()}
-            )
-            with torch.inference_mode():
-                probs = torch.softmax(self.model(**features).logits.float(), dim=-1)
+        for chunk, outputs in forward_chunks(
+            self.model, self.tokenizer, encoded, self.max_batch_tokens
+        ):
+            probs = torch.softmax(outputs.logits.float(), dim=-1)
             for row, j in enumerate(chunk):
                 i = usable[j]
                 cut = bool(encoded.encodings[j].overflowing)
