@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,32 @@ def _score(rank: int, world: int, port: int, spec_dict: dict, data_file: str, ou
         Path(out).write_text(json.dumps(metrics))
     if world > 1:
         dist.barrier()  # nobody leaves while a peer still talks to it (gloo aborts then)
+        _done_marker(out, rank).touch()
         dist.destroy_process_group()
+
+
+def _done_marker(out: str, rank: int) -> Path:
+    return Path(f"{out}.rank{rank}.done")
+
+
+def _spawn(args: tuple, world: int, out: str) -> None:
+    """Run ``world`` workers; a crash before a rank's work is done fails the test.
+
+    gloo can abort a process (SIGABRT, "terminate called without an active exception")
+    while it tears its threads down, after every collective has finished: seen twice in
+    full fresh-clone runs of the suite, never when this file runs alone. A rank that passed
+    the final barrier and wrote its marker has done everything this test checks, so such
+    an abort is reported as a warning, not failed on.
+    """
+    workers = mp.start_processes(_score, args=args, nprocs=world, join=False)
+    try:
+        while not workers.join(grace_period=10):  # a peer gets time to finish its marker
+            pass
+    except mp.ProcessExitedException as exited:
+        if not all(_done_marker(out, rank).exists() for rank in range(world)):
+            raise
+        message = f"worker {exited.error_index} died in gloo teardown, after its work: {exited}"
+        warnings.warn(message, stacklevel=2)
 
 
 def scores(spec_dict: dict, data, tmp_path: Path, world: int) -> dict:
@@ -54,7 +80,7 @@ def scores(spec_dict: dict, data, tmp_path: Path, world: int) -> dict:
     if world == 1:
         _score(0, *args)
     else:
-        mp.spawn(_score, args=args, nprocs=world, join=True)
+        _spawn(args, world, str(out))
     return json.loads(out.read_text())
 
 
