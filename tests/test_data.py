@@ -116,6 +116,27 @@ def test_max_train_samples_subsamples_reproducibly(tmp_path, tokenizer):
     assert sample(1)[1] == a and sample(2)[1] != a
 
 
+def test_the_validation_sample_is_the_same_at_every_training_size(tmp_path):
+    """A data-size study scores every size on the same validation rows: the validation sample
+    does not depend on whether (or how much) max_train_samples cuts the training set."""
+    from tether.data.rows import split_rows
+
+    train = write_rows(tmp_path / "train.csv", easy_rows(120, 0))
+    dev = write_rows(tmp_path / "dev.csv", easy_rows(80, 1))
+
+    def validation(max_train, seed=0):
+        data = {"train": str(train), "validation": str(dev), "max_validation_samples": 30}
+        spec = validate_job({"data": {**data, "max_train_samples": max_train, "sample_seed": seed}})
+        rows, held_out = split_rows(spec.data)
+        assert len(rows) == min(max_train or 120, 120)
+        return [row["text"] for row in held_out]
+
+    chosen = validation(None)
+    assert len(chosen) == 30
+    assert all(validation(n) == chosen for n in (10, 119, 120, 500))
+    assert validation(None, seed=1) != chosen
+
+
 def test_sst2_tsv_files_load_with_renamed_dev_column(tokenizer):
     """The real SST-2 TSVs load: dev's 'content' column is renamed onto 'sentence'."""
     train, dev = shared_data("sst2", "train.tsv"), shared_data("sst2", "dev.tsv")

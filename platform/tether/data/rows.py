@@ -214,9 +214,11 @@ def split_rows(cfg) -> tuple[list[Row], list[Row]]:
         raise DataError(f"data.train: no training rows in {cfg.train!r}")
     train = _rename(train, cfg.rename_columns)
     rng = np.random.default_rng(cfg.sample_seed)
+    # Drawn whether or not it is used, so that the validation sample below is the same rows
+    # at every max_train_samples (a data-size study scores every size on one validation set).
+    train_order = rng.permutation(len(train))
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
-        keep = rng.permutation(len(train))[: cfg.max_train_samples]
-        train = [train[i] for i in sorted(keep)]
+        train = [train[i] for i in sorted(train_order[: cfg.max_train_samples])]
     validation = None
     if cfg.validation is not None:
         validation = load_rows(cfg.validation, cfg.validation_split, cfg.hub_subset)
