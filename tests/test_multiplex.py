@@ -152,6 +152,45 @@ def test_an_evicted_adapter_stays_until_its_request_ends_then_leaves(tiny_llama_
     assert not isinstance(pool.model, PeftModel)  # the base's own modules are back
 
 
+def test_a_load_cancelled_while_injecting_leaves_no_adapter_behind(tiny_llama_dir, adapters):
+    """A client that goes away while its adapter is being injected cancels the load before
+    Serve's LRU holds the adapter: once the injection is done, the factors are removed again
+    (nothing else would ever evict them)."""
+    import threading
+
+    from peft import PeftModel
+
+    lm = base_lm(tiny_llama_dir)
+
+    async def run():
+        pool = AdapterPool(lm)
+        engine = TransformersEngine(lm, max_batch=4, pool=pool)
+        injecting, proceed = threading.Event(), threading.Event()
+        inject = pool._inject
+
+        def slow_inject(adapter, folder):
+            injecting.set()
+            proceed.wait(30)
+            inject(adapter, folder)
+
+        pool._inject = slow_inject
+        load = asyncio.create_task(
+            pool.load(AdapterSource("a", folder=str(adapters[0])), adapters[0])
+        )
+        await asyncio.to_thread(injecting.wait, 30)
+        load.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        proceed.set()
+        for _ in range(2):  # the injection, then the removal it queues
+            await asyncio.get_running_loop().run_in_executor(engine.executor, lambda: None)
+        return pool
+
+    pool = asyncio.run(run())
+    assert pool.counters["adapter_loads"] == 1 and pool.counters["adapter_unloads"] == 1
+    assert not pool.loaded and not isinstance(pool.model, PeftModel)
+
+
 def test_an_adapter_of_another_base_or_an_unknown_id_is_refused(tiny_llama_dir, adapters, tmp_path):
     lm = base_lm(tiny_llama_dir)
     pool = AdapterPool(lm)

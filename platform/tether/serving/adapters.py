@@ -157,6 +157,9 @@ class LoadedAdapter:
     def __del__(self) -> None:
         """Serve's LRU evicted it (or it was garbage collected): remove its factors once its
         last request is done. Idempotent; safe from any thread."""
+        self.retire()
+
+    def retire(self) -> None:
         lock = getattr(self, "lock", None)
         if lock is None:
             return
@@ -216,7 +219,14 @@ class AdapterPool:
         self.check_lineage(source.model_id, card, folder)
         adapter = LoadedAdapter(source.model_id, f"a{next(self.names)}", card, self)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self._inject, adapter, folder)
+        injection = loop.run_in_executor(self.executor, self._inject, adapter, folder)
+        try:
+            await asyncio.shield(injection)  # an injection cannot stop halfway
+        except asyncio.CancelledError:
+            # The request went away before Serve's LRU got the adapter, so nothing would
+            # ever evict it: it leaves as soon as it is in.
+            injection.add_done_callback(lambda done: _retire_if_injected(done, adapter))
+            raise
         return adapter
 
     def check_lineage(self, model_id: str, card: dict[str, Any], folder: Path) -> None:
@@ -281,6 +291,11 @@ class AdapterPool:
         return dict(self.counters) | {
             "adapters_loaded": sorted(a.model_id for a in self.loaded.values())
         }
+
+
+def _retire_if_injected(injection: asyncio.Future, adapter: LoadedAdapter) -> None:
+    if not injection.cancelled() and injection.exception() is None:
+        adapter.retire()
 
 
 # --------------------------------------------------------------------------- /v1/predict tasks
