@@ -12,7 +12,6 @@ ordinary anchor.
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -178,10 +177,13 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The base with W₀ + s·B·A folded in (and the trained head), as a plain HF model; the
-    training model is left as it was."""
-    return copy.deepcopy(model).merge_and_unload()
+def merged_for_export(model: torch.nn.Module) -> torch.nn.Module:
+    """The base with W₀ + s·B·A folded in (and the trained head), as a plain HF model.
+
+    Merged in place: exports come last (the run's final checkpoint, an offline export), and
+    a copy would need a second model's memory on the device at the end of a long run.
+    """
+    return model.merge_and_unload()
 
 
 def save_adapter(model: torch.nn.Module, directory: Path, card: dict[str, Any]) -> None:

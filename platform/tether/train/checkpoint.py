@@ -31,7 +31,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_file, save_model
 
-from tether.adapters import ADAPTER_DIR, is_adapted, merged_copy, save_adapter, trainable_state
+from tether.adapters import (
+    ADAPTER_DIR,
+    is_adapted,
+    merged_for_export,
+    save_adapter,
+    trainable_state,
+)
 from tether.card import write_card
 from tether.errors import AnchorMismatch
 
@@ -173,14 +179,17 @@ def read_state(directory: Path) -> dict[str, Any]:
 def export_hf_model(
     model, tokenizer, job: dict[str, Any], card: dict[str, Any], directory: Path
 ) -> None:
-    """The deliverable: save_pretrained (safetensors) + tokenizer + job.yaml + tether.json."""
+    """The deliverable: save_pretrained (safetensors) + tokenizer + job.yaml + tether.json.
+
+    A LoRA model is saved as its adapter, then merged in place: the caller is done with it.
+    """
     import yaml
 
     directory.mkdir(parents=True, exist_ok=True)
     if is_adapted(model):
         # the adapter for a base that serves many, and the merged model every loader reads
         save_adapter(model, directory / ADAPTER_DIR, card)
-        model = merged_copy(model)
+        model = merged_for_export(model)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
