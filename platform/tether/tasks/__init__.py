@@ -110,6 +110,20 @@ class Task(Protocol):
         ...
 
 
+class ValidationOnly:
+    """For tasks scored on their validation split alone: no other split, no metrics beyond
+    the validation counts, nothing generated for the run log."""
+
+    def extra_splits(self, source, revision, trust_remote_code, tokenizer):
+        return {}, {}
+
+    def extra_metrics(self, model, tokenizer, data, score) -> dict[str, float]:
+        return {}
+
+    def samples(self, model, tokenizer, split, n: int) -> list[dict[str, str]]:
+        return []
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors a Hugging Face model's forward takes (the rest are targets and extras)."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from tether.data import DataError, Encoded, Ragged, where
-from tether.tasks import model_inputs
+from tether.tasks import ValidationOnly, model_inputs
 
 _INT = re.compile(r"^[+-]?\d+$")
 
 
 @dataclass(frozen=True)
-class SequenceClassification:
+class SequenceClassification(ValidationOnly):
     text_column: str = "text"
     pair_column: str | None = None
     label_column: str = "label"
@@ -171,17 +171,6 @@ class SequenceClassification:
         metrics = confusion_metrics(counts[: k * k].reshape(k, k))
         metrics["eval/loss"] = float(counts[-2] / counts[-1]) if counts[-1] > 0 else 0.0
         return metrics
-
-    # ------------------------------------------------------------------- beyond the loss
-
-    def extra_splits(self, source, revision, trust_remote_code, tokenizer):
-        return {}, {}  # nothing is scored besides the validation split
-
-    def extra_metrics(self, model, tokenizer, data, score) -> dict[str, float]:
-        return {}
-
-    def samples(self, model, tokenizer, split, n: int) -> list[dict[str, str]]:
-        return []
 
     # ------------------------------------------------------------------- export
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from tether.data import DataError, Encoded, Ragged, where
 from tether.data.batching import group_rows
-from tether.tasks import model_inputs
+from tether.tasks import ValidationOnly, model_inputs
 from tether.tasks.spans import NULL_POSITION, best_answer, exact_match, token_f1
 
 NO_CHAR = -1  # a token that is not part of the context (question, special, padding)
@@ -50,7 +50,7 @@ class QAExample:
 
 
 @dataclass(frozen=True)
-class QuestionAnswering:
+class QuestionAnswering(ValidationOnly):
     question_column: str = "question"
     context_column: str = "context"
     answers_column: str = "answers"
@@ -325,17 +325,6 @@ class QuestionAnswering:
                 "eval/no_answer_accuracy": no_right / no_n if no_n else 0.0,
             }
         return metrics
-
-    # ------------------------------------------------------------------- beyond the loss
-
-    def extra_splits(self, source, revision, trust_remote_code, tokenizer):
-        return {}, {}
-
-    def extra_metrics(self, model, tokenizer, data, score) -> dict[str, float]:
-        return {}
-
-    def samples(self, model, tokenizer, split, n: int) -> list[dict[str, str]]:
-        return []
 
     # ------------------------------------------------------------------- export
 

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from tether.data import IGNORE_INDEX, DataError, Encoded, Ragged, where
-from tether.tasks import model_inputs
+from tether.tasks import ValidationOnly, model_inputs
 from tether.tasks.classification import count_truncated
 from tether.tasks.entities import TAG, count_entities, entity_types, f1, ordered_tags
 
 
 @dataclass(frozen=True)
-class TokenClassification:
+class TokenClassification(ValidationOnly):
     tokens_column: str = "tokens"
     label_column: str = "ner_tags"
     max_length: int = 128
@@ -235,17 +235,6 @@ class TokenClassification:
         for t, (t_tp, t_pred, t_gold) in zip(types, per_type, strict=True):
             metrics[f"eval/f1/{t}"] = f1(t_tp, t_pred, t_gold)[2]
         return metrics
-
-    # ------------------------------------------------------------------- beyond the loss
-
-    def extra_splits(self, source, revision, trust_remote_code, tokenizer):
-        return {}, {}  # nothing is scored besides the validation split
-
-    def extra_metrics(self, model, tokenizer, data, score) -> dict[str, float]:
-        return {}
-
-    def samples(self, model, tokenizer, split, n: int) -> list[dict[str, str]]:
-        return []
 
     # ------------------------------------------------------------------- export
 
