@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,6 +190,7 @@ class RecordingHooks:
 @pytest.fixture(scope="module")
 def asha_sweep(ray_cluster, tiny_model_dir, easy_csv, tmp_path_factory):
     """One 4-trial grid sweep under ASHA: good and hopeless lr, each anchored and at λ = 0.
+    The anchored trials search the decoupled strength κ (λ is derived per trial).
 
     The hopeless-lr trials come after the good ones, so at the 1.2-epoch rung they meet
     recorded results far above theirs: stopping is certain, not luck.
@@ -206,10 +208,12 @@ def asha_sweep(ray_cluster, tiny_model_dir, easy_csv, tmp_path_factory):
     tune = {
         "name": "asha",
         "search": "grid",
-        "space": {"objective.lambda": {"values": [1e-3]}, "optim.lr": {"values": [3e-3, 1e-5]}},
+        "space": {"objective.strength": {"values": [1.0]}, "optim.lr": {"values": [3e-3, 1e-5]}},
         "asha": {"grace_period": 1.2, "reduction_factor": 2},
     }
-    spec = validate_job(sweep_job(tiny_model_dir, easy_csv, root / "runs", tune))
+    job = sweep_job(tiny_model_dir, easy_csv, root / "runs", tune)
+    job["objective"] = {"mode": "decoupled"}
+    spec = validate_job(job)
     completions = Completions()
     started = time.perf_counter()
     previous = signal.signal(signal.SIGINT, callers_ctrl_c)  # as `tether demo` has its own
@@ -291,7 +295,8 @@ def test_baseline_arm_is_run_and_reported_separately(asha_sweep):
     anchored = [r for r in rows if r["arm"] == "anchored"]
     assert sorted(r["config"]["optim.lr"] for r in baseline) == [1e-5, 3e-3]
     assert all(r["config"]["objective.lambda"] == 0.0 for r in baseline)
-    assert all(r["config"]["objective.lambda"] == 1e-3 for r in anchored)
+    assert all(r["config"]["objective.strength"] == 1.0 for r in anchored)
+    assert all(r["config"]["objective.lambda"] > 0 for r in anchored)
     b, a = summary["baseline_best"], summary["best_anchored"]
     assert b["arm"] == "baseline" and b["config"]["objective.lambda"] == 0.0
     assert b["metric"] == max(r["metric"] for r in baseline)
@@ -338,6 +343,36 @@ def test_trial_hooks_and_tune_callbacks_see_every_trial(asha_sweep):
         )
         assert trial_summary["hook"] == "finished"
     assert set(completions.seen) == ids
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_strength_sweep_reports_each_trials_lambda_and_exports_its_checkpoints(asha_sweep):
+    """With κ searched, a trial's row shows the λ its workers derived (λ·Σ lr_t = κ), and its
+    best checkpoint exports from the trial's own values (as for an ASHA-stopped best trial:
+    the sweep's job carries λ's default, which must not be mixed back in)."""
+    from tether.sweep.runner import export_best_model, open_sweep
+    from tether.train.setup import make_plan, scheduled_lr_sum
+
+    outcome = asha_sweep[0]
+    sweep_dir = Path(outcome.summary["sweep_dir"])
+    job = json.loads((sweep_dir / "sweep.json").read_text())["job"]
+    sweep = open_sweep(validate_job(job), resume=sweep_dir.name)
+    anchored = [r for r in outcome.rows if r["arm"] == "anchored"]
+    for row in anchored:
+        ran = sweep.trial_spec(row["searched"])
+        plan = make_plan(ran, len(sweep.data.train), 1)
+        assert row["config"]["objective.lambda"] == ran.objective.lam
+        assert ran.objective.lam * scheduled_lr_sum(ran, plan) == pytest.approx(1.0, rel=1e-9)
+    best = next(
+        r for r in anchored if r["trial_id"] == outcome.summary["best_anchored"]["trial_id"]
+    )
+    shutil.rmtree(sweep_dir / "trials" / best["trial_id"] / "best_model", ignore_errors=True)
+    row = dict(best, model_dir=None)  # as if ASHA had stopped it: export its best checkpoint
+    export_best_model(sweep, row)
+    card = json.loads((Path(row["model_dir"]) / "tether.json").read_text())
+    assert card["step"] == best["best_step"] and card["objective"]["strength"] == 1.0
+    assert card["objective"]["lambda"] == best["config"]["objective.lambda"]
 
 
 # --------------------------------------------------------------------------- resume

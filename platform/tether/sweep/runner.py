@@ -37,10 +37,12 @@ from tether.sweep.trial import (
     TrialContext,
     TrialHooks,
     run_trial,
+    trial_spec,
     write_json,
 )
 from tether.tasks import Task
 from tether.train.checkpoint import STATE_FILE, checkpoint_name, read_state
+from tether.train.setup import resolve_strength
 
 
 @dataclass
@@ -61,6 +63,11 @@ class Sweep:
     @property
     def mode(self) -> str:
         return sweep_metric(self.spec)[1]
+
+    def trial_spec(self, searched: dict[str, Any]) -> JobSpec:
+        """The spec a trial ran with: the job with its sampled values applied, and λ derived
+        from κ (``objective.strength``) as its workers derived it."""
+        return resolve_strength(trial_spec(self.spec.to_dict(), searched), len(self.data.train))
 
 
 @dataclass
@@ -380,7 +387,6 @@ def export_best_model(sweep: Sweep, row: dict[str, Any]) -> None:
     checkpoint, so the registered model is the one whose score won.
     """
     from tether.run import export_checkpoint
-    from tether.sweep.trial import trial_spec
 
     checkpoint = row.get("best_checkpoint")
     if row.get("model_dir") and row.get("best_step") == row.get("step"):
@@ -391,8 +397,7 @@ def export_best_model(sweep: Sweep, row: dict[str, Any]) -> None:
         return
     out = sweep.dir / "trials" / row["trial_id"] / "best_model"
     if not (out / "tether.json").is_file():
-        spec = trial_spec(sweep.spec.to_dict(), row["config"])
-        export_checkpoint(spec, sweep.task, Path(checkpoint), out)
+        export_checkpoint(sweep.trial_spec(row["searched"]), sweep.task, Path(checkpoint), out)
     row["model_dir"], row["model_from"] = str(out), Path(checkpoint).name
 
 
@@ -437,8 +442,9 @@ def collect_trials(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, list]]
         run_dir = sweep.dir / "trials" / trial.trial_id
         done = run_dir / TRIAL_SUMMARY
         finished = json.loads(done.read_text()) if done.is_file() else {}
-        config = {k: v for k, v in trial.config.items() if k != ARM}
-        effective = {LAMBDA: sweep.spec.objective.lam, LR: sweep.spec.optim.lr, **config}
+        searched = {k: v for k, v in trial.config.items() if k != ARM}
+        ran = sweep.trial_spec(searched)  # with κ searched or set, the λ it gave
+        effective = {**searched, LAMBDA: ran.objective.lam, LR: ran.optim.lr}
         frame = frames.get(trial.trial_id)  # keyed by id in Ray 2.60
         history = []
         if frame is not None and metric in frame and "epoch" in frame and "step" in frame:
@@ -463,7 +469,8 @@ def collect_trials(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, list]]
                 "trial": creation_order(trial),
                 "trial_id": trial.trial_id,
                 "arm": trial.config.get(ARM, "anchored"),
-                "config": effective,
+                "config": effective,  # what it ran with (λ, lr and the searched keys)
+                "searched": searched,  # its own sampled values: the spec is rebuilt from these
                 "metric": best[0] if best else None,
                 "last_metric": last.get(metric),
                 "best_step": int(best[1]) if best else None,

@@ -186,7 +186,6 @@ def register_best(sweep, summary: dict[str, Any], uri: str, parent_id: str) -> d
 
     from tether.registry import log_model
     from tether.run import register_model
-    from tether.sweep.trial import trial_spec
 
     best = summary["best"]
     if not best.get("model_dir"):
@@ -204,7 +203,7 @@ def register_best(sweep, summary: dict[str, Any], uri: str, parent_id: str) -> d
         "task": sweep.task.name,
         "label_names": sweep.data.label_names,
     }
-    spec = trial_spec(sweep.spec.to_dict(), best["config"])
+    spec = sweep.trial_spec(best["searched"])
     return register_model(spec, sweep.task, record, sweep.data, sweep.metric, sweep.mode)
 
 
