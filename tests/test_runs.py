@@ -122,6 +122,50 @@ def test_local_mode_resumes_from_its_last_checkpoint_with_the_same_result(
         )
 
 
+def test_a_resumed_decoupled_run_keeps_the_pulls_rounding_carry(tiny_model_dir, easy_csv, tmp_path):
+    """A decoupled pull below fp32's rounding step waits in the Kahan carry until it adds up
+    to a rounding step: the checkpoint keeps the carry, so a run that dies at step 12 and
+    resumes from checkpoint 10 ends with exactly the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    decoupled = {"mode": "decoupled", "lambda": 1e-4}  # lr·λ = 3e-7 per step
+
+    def final_weights(outcome) -> dict[str, torch.Tensor]:
+        return load_file(
+            str(checkpoints(Path(outcome.summary["run_dir"]))[-1] / "model.safetensors")
+        )
+
+    ref = run_training(
+        validate_job(local_job(tiny_model_dir, easy_csv, tmp_path / "ref", objective=decoupled))
+    )
+    job = local_job(tiny_model_dir, easy_csv, tmp_path / "crash", objective=decoupled)
+    with pytest.raises(RuntimeError, match="test failure at step 12"):
+        run_training(validate_job(job), hooks=FailAt(12))
+    carry = torch.load(
+        Path(job["storage"]["path"]) / "x" / "checkpoint_000010" / "loop_rank0.pt",
+        weights_only=True,
+    )["anchor_carry"]
+    assert any(bool(c.abs().max() > 0) for c in carry)  # something was still to be applied
+    resumed = run_training(validate_job(job))
+    assert resumed.result.metrics["resumed_from_step"] == 10
+    expected, got = final_weights(ref), final_weights(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_the_fp16_loss_scale_comes_back_on_resume():
+    """A resumed fp16-mixed run goes on with the loss scale it had reached (a fresh scaler
+    would start at 65536 again and skip other steps than the uninterrupted run)."""
+    from tether.train.setup import restore_loop_state
+
+    reached = torch.amp.GradScaler("cpu")
+    reached.scale(torch.ones(1))  # the scale exists from the first scaled loss
+    reached.update(new_scale=1024.0)
+    fresh = torch.amp.GradScaler("cpu")
+    restore_loop_state({"scaler": reached.state_dict(), "anchor_carry": []}, None, fresh, 0)
+    assert fresh.get_scale() == 1024.0
+    assert fresh.state_dict() == reached.state_dict()
+
+
 def test_local_mode_keeps_the_best_checkpoints_plus_the_latest(
     finished, tiny_model_dir, easy_csv, tmp_path
 ):

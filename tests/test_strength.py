@@ -32,8 +32,8 @@ def strength_job(tiny_model_dir, easy_csv, tmp_path, kappa=3.0, **sections) -> d
 def test_strength_sets_lambda_from_the_runs_own_schedule(tiny_model_dir, easy_csv, tmp_path):
     """λ = κ / Σ_t lr_t, where lr_t is what the scheduler really hands each step (warm-up and
     cosine included); 4× the steps gives a quarter of the λ for the same κ."""
-    spec = validate_job(strength_job(tiny_model_dir, easy_csv, tmp_path))
-    resolved = resolve_strength(spec, 64)
+    spec = validate_job(strength_job(tiny_model_dir, easy_csv, tmp_path, kappa=2.0))
+    resolved = resolve_strength(spec, 64)  # 4 steps: κ = 2 is a pull of lr·λ = 0.8 at peak
     plan = make_plan(spec, 64, 1)
     # the lrs an AdamW + LambdaLR pair like set_up's hands out, step by step
     from tether.train.setup import lr_schedule
@@ -46,7 +46,7 @@ def test_strength_sets_lambda_from_the_runs_own_schedule(tiny_model_dir, easy_cs
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert resolved.objective.lam * math.fsum(lrs) == pytest.approx(3.0, rel=1e-12)
+    assert resolved.objective.lam * math.fsum(lrs) == pytest.approx(2.0, rel=1e-12)
     assert scheduled_lr_sum(spec, plan) == pytest.approx(math.fsum(lrs), rel=1e-12)
 
     longer = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 4})})
@@ -59,7 +59,24 @@ def test_strength_sets_lambda_from_the_runs_own_schedule(tiny_model_dir, easy_cs
     factor = lr_schedule("cosine", round(0.2 * big.total_steps), big.total_steps)
     lam = resolve_strength(spec, 6400).objective.lam
     left = math.prod(1 - spec.optim.lr * factor(t) * lam for t in range(big.total_steps))
-    assert left == pytest.approx(math.exp(-3.0), rel=0.05)
+    assert left == pytest.approx(math.exp(-2.0), rel=0.05)
+
+
+def test_strength_is_spread_over_the_steps_that_pull(tiny_model_dir, easy_csv, tmp_path):
+    """LP-FT's probe keeps the backbone at θ* and pulls nothing: κ is λ·Σ lr_t over the steps
+    after it. A probe as long as the run leaves nothing to anchor, and says so."""
+    from tether.errors import SpecError
+    from tether.train.setup import scheduled_lrs
+
+    job = strength_job(tiny_model_dir, easy_csv, tmp_path, kappa=1.0)
+    spec = validate_job(apply_updates(job, {"train": {"head_warmup_steps": 10}}))
+    plan = make_plan(spec, 640, 1)  # 40 steps, the first 10 a probe
+    lrs = scheduled_lrs(spec, plan)
+    lam = resolve_strength(spec, 640).objective.lam
+    assert lam * math.fsum(lrs[10:]) == pytest.approx(1.0, rel=1e-12)
+    assert lam * math.fsum(lrs) > 1.2  # counting the probe would have made it weaker
+    with pytest.raises(SpecError, match="head_warmup_steps: 10 covers all 4 steps"):
+        resolve_strength(spec, 64)
 
 
 def test_strength_is_decoupled_only_exclusive_with_lambda_and_round_trips(
@@ -189,6 +206,37 @@ def test_a_sweep_can_search_the_strength_and_its_control_arm_is_lambda_zero(
     both = space | {"objective.lambda": {"low": 0.01, "high": 1.0}}
     spec = validate_job(job | {"tune": {"space": both, "num_samples": 2}})
     assert any("exclusive" in p for p in sweep_problems(spec))
+
+
+def test_a_sweep_space_with_trials_that_would_overshoot_is_refused_before_any_trial(
+    tiny_model_dir, easy_csv, tmp_path
+):
+    """The largest κ (or λ) with the largest lr, at each end of the other searched keys, is
+    checked on the driver: a space holding trials that would pull past θ* in one step fails
+    naming the point, before Ray and before the sweep folder exists."""
+    from tether.errors import SpecError
+    from tether.sweep import open_sweep
+
+    job = local_job(tiny_model_dir, easy_csv, tmp_path, scaling={"num_workers": 1})
+    job["objective"] = {"mode": "decoupled"}
+    space = {
+        "objective.strength": {"low": 0.3, "high": 30.0, "scale": "log"},
+        "optim.warmup_ratio": {"values": [0.0, 0.5]},
+    }
+    spec = validate_job(job | {"tune": {"space": space, "num_samples": 2, "name": "big"}})
+    with pytest.raises(
+        SpecError, match=r"tune.space: at optim.warmup_ratio=0, objective.strength=30"
+    ):
+        open_sweep(spec)
+    assert not (Path(spec.storage.path) / "big").exists()
+    mild = space | {"objective.strength": {"low": 0.1, "high": 1.0, "scale": "log"}}
+    spec = validate_job(job | {"tune": {"space": mild, "num_samples": 2, "name": "mild"}})
+    assert open_sweep(spec).name == "mild"
+    job["objective"] = {"mode": "decoupled", "lambda": 10.0}  # lr up to 3e-1: pulls of 3
+    lrs = {"optim.lr": {"low": 1e-4, "high": 0.3, "scale": "log"}}
+    spec = validate_job(job | {"tune": {"space": lrs, "num_samples": 2, "name": "lr"}})
+    with pytest.raises(SpecError, match=r"at optim.lr=0.3, objective: λ = 10"):
+        open_sweep(spec)
 
 
 def test_a_decoupled_pull_that_would_diverge_is_refused_before_training(

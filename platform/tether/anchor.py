@@ -66,6 +66,15 @@ class Anchor:
         mode (under FSDP only this rank's shards of both)."""
         return sum(t.numel() * t.element_size() for t in [*self.targets, *self.residuals])
 
+    def carry(self) -> list[torch.Tensor]:
+        """The pull that rounding has not applied yet (decoupled mode), for a checkpoint: a
+        resumed run that dropped it would lose up to one rounding step per coordinate."""
+        return list(self.residuals)
+
+    def restore_carry(self, saved: list[torch.Tensor]) -> bool:
+        """Put a checkpoint's carry back; False when it does not fit (other shards)."""
+        return restore_tensors(self.residuals, saved)
+
 
 class AnchorTerm(Protocol):
     """What the loop needs of an anchor besides ``Anchor`` itself (LoRA's closed form)."""
@@ -76,6 +85,8 @@ class AnchorTerm(Protocol):
     def add_grad_(self) -> None: ...
     def pull_(self, lr: float) -> None: ...
     def drift_squares(self) -> list[tuple[str, float]]: ...
+    def carry(self) -> list[torch.Tensor]: ...
+    def restore_carry(self, saved: list[torch.Tensor]) -> bool: ...
 
 
 def build_anchor(
@@ -119,6 +130,16 @@ def build_anchor(
         targets = [p.detach().to(dtype=dtype, copy=True) for p in local]
         residuals = [torch.zeros_like(p) for p in local] if mode == "decoupled" else []
     return Anchor(names, params, targets, float(lam), mode, residuals, shard_group(params))
+
+
+@torch.no_grad()
+def restore_tensors(into: list[torch.Tensor], saved: list[torch.Tensor]) -> bool:
+    """Copy ``saved`` into ``into`` in place when every shape matches; else change nothing."""
+    if [a.shape for a in into] != [b.shape for b in saved]:
+        return False
+    for a, b in zip(into, saved, strict=True):
+        a.copy_(b)
+    return True
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:

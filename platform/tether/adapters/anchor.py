@@ -30,6 +30,7 @@ from tether.anchor import (
     add_anchor_grad_,
     drift_squares,
     pull_toward_anchor_,
+    restore_tensors,
 )
 
 
@@ -87,8 +88,7 @@ class LowRankAnchor:
         Like the full pull, compensated: a step below the factors' fp32 rounding (lr·λs² of
         1e-8 is common) is carried to the next step instead of being lost (``residuals``).
         """
-        if not self.residuals:
-            self.residuals = [torch.zeros_like(t) for p in self.pairs for t in (p.a, p.b)]
+        self._start_residuals()
         for i, pair in enumerate(self.pairs):
             a, b = pair.a.detach(), pair.b.detach()
             step = lr * self.lam * pair.scaling**2
@@ -101,6 +101,26 @@ class LowRankAnchor:
                 factor.sub_(wanted)
                 carried.copy_(wanted - (before - factor))  # what rounding did not apply
         pull_toward_anchor_(self.full, lr)
+
+    def _start_residuals(self) -> None:
+        if not self.residuals:
+            self.residuals = [torch.zeros_like(t) for p in self.pairs for t in (p.a, p.b)]
+
+    def carry(self) -> list[torch.Tensor]:
+        """The factors' and the full anchor's pull not applied yet (decoupled), for a
+        checkpoint."""
+        if self.mode != "decoupled":
+            return []
+        self._start_residuals()
+        return list(self.residuals) + (self.full.carry() if self.full else [])
+
+    def restore_carry(self, saved: list[torch.Tensor]) -> bool:
+        if self.mode != "decoupled":
+            return not saved
+        self._start_residuals()
+        own, rest = saved[: len(self.residuals)], saved[len(self.residuals) :]
+        full = self.full.restore_carry(rest) if self.full else not rest
+        return full and restore_tensors(self.residuals, own)
 
     @torch.no_grad()
     def drift_squares(self) -> list[tuple[str, float]]:

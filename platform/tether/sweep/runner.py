@@ -26,6 +26,7 @@ from tether.sweep.search import (
     LR,
     SearchPlan,
     plan_search,
+    pull_problems,
     sweep_metric,
     sweep_space,
     validate_sweep,
@@ -115,6 +116,9 @@ def open_sweep(
         spec = spec.model_copy(update={"tune": TuneSection()})
     validate_sweep(spec)
     task, data = prepared if prepared is not None else prepare_run_data(spec)
+    problems = pull_problems(spec, len(data.train))
+    if problems:
+        raise SpecError(problems, "sweep spec")
     sweep_dir = storage / str(name)
     if not resume:
         write_json(

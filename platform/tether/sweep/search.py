@@ -25,7 +25,7 @@ from ray.tune.search import Searcher
 
 from tether.config import JobSpec, SpecError, TuneSection, apply_updates
 from tether.data import PreparedData, steps_per_epoch
-from tether.sweep.trial import ARM
+from tether.sweep.trial import ARM, trial_spec
 from tether.tasks import build_task, metric_names
 
 LAMBDA, LR, STRENGTH = "objective.lambda", "optim.lr", "objective.strength"
@@ -124,6 +124,40 @@ def sweep_problems(spec: JobSpec) -> list[str]:
             f"(got {spec.scaling.num_workers})"
         )
     return problems
+
+
+def strongest_pulls(spec: JobSpec, most: int = 64) -> list[dict[str, Any]]:
+    """The points of a decoupled sweep's space whose pull per step is strongest: the largest
+    λ or κ and lr, at every end of each other searched key (epochs, batch size, warm-up ...
+    change the schedule). A trial anywhere in the space pulls no harder than one of these."""
+    space = sweep_space(spec)
+    if spec.objective.mode != "decoupled":
+        return []
+    top = {k: _ends(space[k])[-1] for k in (LAMBDA, STRENGTH, LR) if k in space}
+    others = {k: _ends(d) for k, d in space.items() if k not in top}
+    corners = [dict(zip(others, c, strict=True)) for c in product(*others.values())]
+    return [{**c, **top} for c in corners[:most]]
+
+
+def _ends(dim) -> list[Any]:
+    """A dimension's values, or its two bounds (ascending)."""
+    return sorted(dim.values) if dim.values is not None else [dim.low, dim.high]
+
+
+def pull_problems(spec: JobSpec, num_examples: int) -> list[str]:
+    """A decoupled sweep whose space holds trials that would pull θ past θ* in one step:
+    found on the driver (it knows the data size), before any trial starts."""
+    from tether.train.setup import resolve_strength
+
+    for point in strongest_pulls(spec):
+        try:
+            resolve_strength(trial_spec(spec.to_dict(), point), num_examples)
+        except SpecError as e:
+            where = ", ".join(
+                f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items()
+            )
+            return [f"tune.space: at {where}, {p}" for p in e.problems]
+    return []
 
 
 def dimension_problems(key: str, dim, base: dict[str, Any], search: str) -> list[str]:

@@ -11,6 +11,9 @@
                            and that every DDP replica held the same weights when it was written
                            (FSDP ranks hold different shards: no weights hash)
       rng_rank{r}.pt       each worker's torch RNG (dropout), so a resumed run continues exactly
+      loop_rank{r}.pt      the rest of the loop's state on each worker: the decoupled pull's
+                           rounding carry (this rank's shards under FSDP) and the fp16 loss
+                           scale
       worker_rank{r}.json  the node, host and pid each worker ran on
       model/               only in the final checkpoint: the HF model + tokenizer + job.yaml +
                            tether.json (the model card); a LoRA run's model is merged
@@ -61,13 +64,17 @@ def save_training_state(
     state: dict[str, Any],
     worker: dict[str, Any] | None = None,
     sharded: bool = False,
+    loop_state: dict[str, Any] | None = None,
 ) -> None:
     """Write this rank's share of a checkpoint (rank 0 writes the shared part). ``sharded``
-    (FSDP): every rank must call it; each writes its own shards of weights and AdamW state."""
+    (FSDP): every rank must call it; each writes its own shards of weights and AdamW state.
+    ``loop_state``: tensors and numbers the loop needs back on resume (``load_loop_state``)."""
     directory.mkdir(parents=True, exist_ok=True)
     if worker is not None:
         (directory / f"worker_rank{rank}.json").write_text(json.dumps(worker))
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
+    if loop_state is not None:
+        torch.save(loop_state, directory / _loop_file(rank))
     if sharded:
         _save_sharded(directory / SHARDED_DIR, model, optimizer)
     if rank != 0:
@@ -115,6 +122,23 @@ def load_training_state(
     if rng_file.is_file():  # absent when resuming on more workers than wrote it
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return state
+
+
+def load_loop_state(
+    directory: Path, rank: int, device: torch.device, sharded: bool = False
+) -> dict[str, Any] | None:
+    """This rank's ``loop_state``. DDP replicas hold the same state, so a rank that did not
+    exist when it was written (more workers now) takes rank 0's; FSDP shards do not travel."""
+    path = directory / _loop_file(rank)
+    if not path.is_file() and not sharded:
+        path = directory / _loop_file(0)
+    if not path.is_file():  # a checkpoint written before the file existed, or new shards
+        return None
+    return torch.load(path, weights_only=True, map_location=device)
+
+
+def _loop_file(rank: int) -> str:
+    return f"loop_rank{rank}.pt"
 
 
 def _load_whole(directory: Path, model, optimizer, device: torch.device) -> None:

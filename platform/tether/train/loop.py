@@ -378,8 +378,12 @@ def report(
     else:
         directory = Path(tempfile.mkdtemp(prefix="tether-ckpt-"))
     worker = worker_identity() | {"weights_sha256": digest}
+    loop_state = {
+        "anchor_carry": run.anchor.carry() if run.anchor is not None else [],
+        "scaler": run.scaler.state_dict(),  # the fp16 loss scale reached ({} when unused)
+    }
     save_training_state(
-        directory, strategy.rank, net, run.optimizer, state, worker, sharded=strategy.sharded
+        directory, strategy.rank, net, run.optimizer, state, worker, strategy.sharded, loop_state
     )
     if final:  # FSDP gathers the whole model to rank 0 first (every rank takes part)
         whole = strategy.full_model(net, lambda: build_model(spec, task, run.tokenizer_source)[0])

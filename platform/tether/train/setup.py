@@ -19,7 +19,7 @@ from tether.config import JobSpec
 from tether.data import PreparedData, steps_per_epoch
 from tether.models import freeze_parameters, new_heads_allowed, resolve_model_source
 from tether.tasks import Task
-from tether.train.checkpoint import load_training_state
+from tether.train.checkpoint import load_loop_state, load_training_state
 from tether.train.strategy import Strategy
 
 _AUTOCAST = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
@@ -52,37 +52,52 @@ def scheduled_lrs(spec: JobSpec, plan: Plan) -> list[float]:
     return [spec.optim.lr * factor(t) for t in range(plan.total_steps)]
 
 
+def pulling_lrs(spec: JobSpec, plan: Plan) -> list[float]:
+    """lr_t of the steps whose decoupled pull runs: every step after LP-FT's probe (the probe
+    keeps the pretrained weights at θ*: there is nothing to pull)."""
+    return scheduled_lrs(spec, plan)[spec.train.head_warmup_steps :]
+
+
 def scheduled_lr_sum(spec: JobSpec, plan: Plan) -> float:
-    """Σ_t lr_t over the run's optimizer steps."""
-    return math.fsum(scheduled_lrs(spec, plan))
+    """Σ_t lr_t over the run's pulling steps (κ's denominator)."""
+    return math.fsum(pulling_lrs(spec, plan))
 
 
 def resolve_strength(spec: JobSpec, num_examples: int) -> JobSpec:
-    """With ``objective.strength`` κ: the spec with λ = κ / Σ_t lr_t for this run's schedule
-    (its data size, batch, workers and epochs), known before step 0. Otherwise unchanged.
+    """With ``objective.strength`` κ: the spec with λ = κ / Σ_t lr_t over the steps that pull
+    (this run's schedule: data size, batch, workers, epochs, LP-FT's probe left out), known
+    before step 0. Otherwise unchanged.
 
-    A decoupled pull of lr_t·λ > 1 in one step moves θ past θ*, and at ≥ 2 farther from θ*
-    than it was: the anchor would push θ away. Such a λ — given, or derived from a κ too large
-    for the run's steps — is refused here, before any cluster work."""
+    A decoupled pull of lr_t·λ > 1 in one step would move θ past θ* (the pull stops at θ*,
+    so the realised strength would not be the one asked for), and at ≥ 2 farther from θ*
+    than it was. Such a λ — given, or derived from a κ too large for the run's steps — is
+    refused here, before any cluster work."""
     o = spec.objective
     if o.mode != "decoupled" or (o.strength is None and o.lam == 0):
         return spec
+    from tether.errors import SpecError
+
     plan = make_plan(spec, num_examples, max(1, spec.scaling.num_workers))
-    lrs = scheduled_lrs(spec, plan)
+    lrs = pulling_lrs(spec, plan)
+    if not lrs:
+        raise SpecError(
+            [
+                f"train.head_warmup_steps: {spec.train.head_warmup_steps} covers all "
+                f"{plan.total_steps} steps of the run; nothing is left to fine-tune or anchor"
+            ]
+        )
     lam = o.lam
     if o.strength is not None:
         lam = o.strength / math.fsum(lrs) if o.strength > 0 else 0.0
         spec = spec.model_copy(update={"objective": o.model_copy(update={"lam": lam})})
     largest = lam * max(lrs)
-    if largest >= 2.0:
-        from tether.errors import SpecError
-
+    if largest > 1.0:
         given = f"strength {o.strength} gives λ = {lam:.4g}" if o.strength else f"λ = {lam:.4g}"
         raise SpecError(
             [
                 f"objective: {given}, a decoupled pull of lr·λ = {largest:.3g} in one step "
-                f"(over this run's {plan.total_steps} steps); at ≥ 2 each step leaves θ farther "
-                "from θ* than it was. Lower it, or train for more steps"
+                f"(over this run's {len(lrs)} pulling steps): above 1 a step would move θ past "
+                "θ* (at ≥ 2 farther from θ* than it was). Lower it, or train for more steps"
             ]
         )
     return spec
@@ -152,6 +167,8 @@ def set_up(
             plan.total_steps,
         ),
     )
+    precision = resolve_precision(spec.train.precision, strategy.device)
+    scaler = torch.amp.GradScaler(strategy.device.type, enabled=precision == "fp16-mixed")
     start_step = 0
     if resume_dir is not None:
         state = load_training_state(
@@ -165,7 +182,12 @@ def set_up(
         )
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
-    precision = resolve_precision(spec.train.precision, strategy.device)
+        restore_loop_state(
+            load_loop_state(resume_dir, strategy.rank, strategy.device, strategy.sharded),
+            anchor,
+            scaler,
+            strategy.rank,
+        )
     return Setup(
         model=strategy.wrap(model),
         trainable=[p for p in model.parameters() if p.requires_grad],
@@ -176,7 +198,7 @@ def set_up(
         theta_star_hash=theta_star_hash,
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=torch.amp.GradScaler(strategy.device.type, enabled=precision == "fp16-mixed"),
+        scaler=scaler,
         autocast=torch.autocast(
             strategy.device.type, dtype=_AUTOCAST[precision], enabled=precision != "fp32"
         ),
@@ -185,6 +207,24 @@ def set_up(
         tokenizer_source=source,
         tokenizer=task.load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code),
     )
+
+
+def restore_loop_state(saved: dict | None, anchor, scaler, rank: int) -> None:
+    """The decoupled pull's rounding carry and the fp16 loss scale, as the checkpoint left
+    them, so a resumed run continues exactly as the uninterrupted one would have."""
+    if saved is None:
+        return
+    if saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    carry = saved.get("anchor_carry") or []
+    if anchor is not None and carry and not anchor.restore_carry(carry):
+        # FSDP on another worker count: the shards moved; at most one rounding step is lost
+        _note(rank, "the decoupled pull's rounding carry does not fit these shards: reset")
+
+
+def _note(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"tether: {message}", flush=True)
 
 
 def build_model(spec: JobSpec, task: Task, source: str) -> tuple[torch.nn.Module, set[str]]:
