@@ -107,6 +107,14 @@ def test_prompt_completion_and_plain_text_formats(tokenizer, tmp_path):
     ids, targets = task.render({"prompt": "Q: sky? A:", "completion": " blue"}, tokenizer)
     assert tokenizer.decode([t for t, k in zip(ids, targets) if k]) == " blue" + tokenizer.eos_token
     assert not any(targets[: len(tokenizer("Q: sky? A:")["input_ids"]) - 1])
+    # a prompt ending in a space: the completion's first word is still learnt, and the prompt
+    # is the very tokens /v1/completions gives the model
+    prompt = "Capital of France? A: "
+    ids, targets = task.render({"prompt": prompt, "completion": "Paris"}, tokenizer)
+    learnt = tokenizer.decode([t for t, k in zip(ids, targets, strict=True) if k])
+    assert learnt == "Paris" + tokenizer.eos_token
+    served = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[: len(served)] == served and not any(targets[: len(served)])
     ids, targets = task.render({"text": "once upon a time"}, tokenizer)
     assert all(targets) and ids[-1] == tokenizer.eos_token_id
 
@@ -290,3 +298,16 @@ def test_packaged_smollm2_trains_three_steps_and_exports_a_reloadable_folder(smo
     assert (model_dir / "chat_template.jinja").is_file() or "chat_template" in (
         model_dir / "tokenizer_config.json"
     ).read_text()
+
+
+def test_a_probe_file_with_a_byte_order_mark_reads_its_first_prompt(tmp_path):
+    """A forgetting-probe JSONL saved with a UTF-8 BOM reads like one without; a line without
+    a prompt is still named."""
+    from tether.tasks.probe import read_probe_prompts
+
+    path = tmp_path / "probe.jsonl"
+    path.write_bytes('\ufeff{"prompt": "Name a colour."}\n\n{"prompt": "Say hi."}\n'.encode())
+    assert read_probe_prompts(path) == ["Name a colour.", "Say hi."]
+    path.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n')
+    with pytest.raises(DataError, match="line 2 needs a 'prompt' field"):
+        read_probe_prompts(path)

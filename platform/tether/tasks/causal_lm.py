@@ -117,9 +117,8 @@ class CausalLM:
             text, spans = chat_text_and_targets(tokenizer, self.messages(row))
         elif self.prompt_column in row and self.completion_column in row:
             prompt = self.string(row, self.prompt_column)
-            completion = self.string(row, self.completion_column)
-            text = prompt + completion + (tokenizer.eos_token or "")
-            spans = [(len(prompt), len(text))]
+            completion = self.string(row, self.completion_column) + (tokenizer.eos_token or "")
+            return prompt_and_completion_tokens(tokenizer, prompt, completion)
         elif self.text_column in row:
             text = self.string(row, self.text_column) + (tokenizer.eos_token or "")
             spans = [(0, len(text))]
@@ -338,6 +337,19 @@ def chat_text_and_targets(tokenizer, messages: list[dict]) -> tuple[str, list[tu
         # the turn up to its end-of-turn token: the template's trailing newline is no target
         spans.append((len(prefix), len(upto.rstrip())))
     return text, spans
+
+
+def prompt_and_completion_tokens(
+    tokenizer, prompt: str, completion: str
+) -> tuple[list[int], list[bool]]:
+    """The prompt's tokens, then the completion's (all targets), tokenized apart: the model
+    learns to continue exactly the tokens /v1/completions will give it. Tokenized together, a
+    completion's first word merges with a prompt's trailing space ("A: " + "Paris" → " Paris",
+    a token that starts in the prompt) and is never learnt."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = list(prompt_ids) + list(completion_ids)
+    return ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
 
 
 def tokens_and_targets(
