@@ -93,7 +93,8 @@ class CausalLM:
             "max_length",
             "packing",
         )
-        return {"name": self.name} | {k: getattr(self, k) for k in keys}
+        # encoding 2: prompt and completion tokenized apart (caches of 1 are not reused)
+        return {"name": self.name, "encoding": 2} | {k: getattr(self, k) for k in keys}
 
     def num_counts(self) -> int:
         return 3
