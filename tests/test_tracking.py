@@ -368,6 +368,47 @@ def test_a_rollback_by_hand_is_not_undone_by_the_next_gate(tmp_path):
     assert str(client.get_model_version_by_alias("rb", CHAMPION).version) == v3
 
 
+def test_a_diverged_first_version_is_registered_but_never_champion(tmp_path):
+    """A NaN metric (a diverged run) with no champion yet: challenger, no champion, and the
+    decision says why; the next finite version becomes champion."""
+    from mlflow.exceptions import MlflowException
+
+    from tether.registry import CHALLENGER, CHAMPION, gate_champion
+
+    client = registry_client(tmp_path)
+    nan = float("nan")
+    v1 = new_version(client, "nan", nan)
+    decision = gate_champion(client, "nan", v1, "eval/accuracy", "max", nan, "fp")
+    assert not decision.promoted
+    assert "not a finite number" in client.get_model_version("nan", v1).tags["tether.gate"]
+    assert str(client.get_model_version_by_alias("nan", CHALLENGER).version) == v1
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias("nan", CHAMPION)
+    v2 = new_version(client, "nan", 0.6)
+    assert gate_champion(client, "nan", v2, "eval/accuracy", "max", 0.6, "fp").promoted
+    assert str(client.get_model_version_by_alias("nan", CHAMPION).version) == v2
+
+
+@pytest.mark.parametrize("mode,bad", [("max", float("nan")), ("max", float("inf"))])
+def test_a_non_finite_champion_loses_to_any_finite_challenger(tmp_path, mode, bad):
+    """A champion recorded with NaN (or +inf where higher wins) is replaced by the next finite
+    version, however low its value; a non-finite challenger does not replace a finite one."""
+    from tether.registry import CHAMPION, PROMOTABLE, gate_champion
+
+    client = registry_client(tmp_path)
+    old = new_version(client, "stuck", bad)
+    client.set_registered_model_alias("stuck", CHAMPION, old)
+    client.set_model_version_tag("stuck", old, PROMOTABLE, "true")  # promoted by an old gate
+    low = new_version(client, "stuck", 0.1)
+    decision = gate_champion(client, "stuck", low, "eval/accuracy", mode, 0.1, "fp")
+    assert decision.promoted, decision.describe()
+    assert str(client.get_model_version_by_alias("stuck", CHAMPION).version) == low
+    worse = new_version(client, "stuck", float("nan"))
+    nan = float("nan")
+    assert not gate_champion(client, "stuck", worse, "eval/accuracy", mode, nan, "fp").promoted
+    assert str(client.get_model_version_by_alias("stuck", CHAMPION).version) == low
+
+
 def test_a_sweep_whose_registration_fails_still_finishes_and_says_why(
     tiny_model_dir, easy_csv, tmp_path, monkeypatch
 ):

@@ -6,9 +6,10 @@ artifact *is* that folder, so weights stay safetensors and serving can use the f
 predictor (``tether.registry.pyfunc``).
 
 The gate compares a challenger with the champion on the same validation data and in the
-metric's direction (max for accuracy/F1, min for losses). Re-scoring a champion validated on
-other data is the caller's (``evaluate_champion``): the registry does not know how to train
-or evaluate.
+metric's direction (max for accuracy/F1, min for losses). A non-finite metric (a diverged
+run) is registered but never becomes champion, and a non-finite champion loses to any finite
+challenger. Re-scoring a champion validated on other data is the caller's
+(``evaluate_champion``): the registry does not know how to train or evaluate.
 
 Only load models your own platform registered: loading an MLflow model unpickles its wrapper.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +89,13 @@ class GateDecision:
     overtaken_by: str | None = None  # a better challenger gated at the same time holds it
 
     def describe(self) -> str:
+        if not math.isfinite(self.challenger_value):
+            held = f"v{self.champion_version}" if self.champion_version else "none"
+            return (
+                f"{self.name} v{self.version} is not gated: its {self.metric} is "
+                f"{self.challenger_value} (not a finite number); registered as challenger, "
+                f"champion stays ({held})"
+            )
         if self.overtaken_by is not None:
             return (
                 f"{self.name} v{self.version} beat the champion it saw "
@@ -99,15 +108,24 @@ class GateDecision:
                 f"({self.metric} {self.challenger_value:.4f})"
             )
         verb = "beats" if self.promoted else "does not beat"
-        better = "higher" if self.mode == "max" else "lower"
+        rule = f"{'higher' if self.mode == 'max' else 'lower'} is better"
+        if not math.isfinite(self.champion_value):
+            rule = "any finite value beats a non-finite champion"
         return (
             f"{self.name} v{self.version} {verb} champion v{self.champion_version}: "
             f"{self.metric} {self.challenger_value:.4f} vs {self.champion_value:.4f} "
-            f"({better} is better)" + ("; champion moved" if self.promoted else "; champion stays")
+            f"({rule})" + ("; champion moved" if self.promoted else "; champion stays")
         )
 
 
 def better(value: float, than: float, mode: str) -> bool:
+    """Whether ``value`` beats ``than``. A non-finite value never wins; a NaN or infinite
+    champion loses to any finite value (every comparison with NaN is False: it would hold
+    the alias forever)."""
+    if not math.isfinite(value):
+        return False
+    if not math.isfinite(than):
+        return True
     return value > than if mode == "max" else value < than
 
 
@@ -149,7 +167,11 @@ def gate_champion(
         champion = None
     if champion is not None:
         refuse_incomparable(client, name, version, champion)
-    if champion is None:
+    if not math.isfinite(value):
+        # a diverged run (NaN loss) is kept as challenger for inspection, never promoted
+        held = None if champion is None else str(champion.version)
+        decision = GateDecision(name, version, metric, mode, value, held, None, False)
+    elif champion is None:
         decision = GateDecision(name, version, metric, mode, value, None, None, True)
     else:
         champ_value = _champion_value(champion, metric, data_fingerprint, evaluate_champion, name)
@@ -261,7 +283,10 @@ def best_candidate(client, name: str, metric: str, mode: str, fingerprint: str) 
             continue
         if tags.get("tether.metric", metric) != metric or metric not in tags:
             continue
-        candidates.append((float(tags[metric]), -int(mv.version), str(mv.version)))
+        value = float(tags[metric])
+        if not math.isfinite(value):  # a NaN would make the max below depend on order
+            continue
+        candidates.append((value, -int(mv.version), str(mv.version)))
     if not candidates:
         return None
     sign = 1.0 if mode == "max" else -1.0
