@@ -303,11 +303,11 @@ def test_packaged_smollm2_trains_three_steps_and_exports_a_reloadable_folder(smo
 def test_a_probe_file_with_a_byte_order_mark_reads_its_first_prompt(tmp_path):
     """A forgetting-probe JSONL saved with a UTF-8 BOM reads like one without; a line without
     a prompt is still named."""
-    from tether.tasks.probe import read_probe_prompts
+    from tether.tasks.causal_lm import probe_prompts  # what eval.forgetting_probe reads
 
     path = tmp_path / "probe.jsonl"
     path.write_bytes('\ufeff{"prompt": "Name a colour."}\n\n{"prompt": "Say hi."}\n'.encode())
-    assert read_probe_prompts(path) == ["Name a colour.", "Say hi."]
+    assert probe_prompts(str(path)) == ["Name a colour.", "Say hi."]
     path.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n')
     with pytest.raises(DataError, match="line 2 needs a 'prompt' field"):
-        read_probe_prompts(path)
+        probe_prompts(str(path))

@@ -124,3 +124,66 @@ def test_malformed_override_is_rejected():
     """An override without '=' is an error naming the item."""
     with pytest.raises(SpecError, match="expected key=value"):
         parse_overrides(["objective.lambda"])
+
+
+@pytest.mark.parametrize(
+    "section,values,key",
+    [
+        ("optim", {"betas": [0.9, 1.0]}, "optim.betas.1"),
+        ("optim", {"betas": [-0.1, 0.999]}, "optim.betas.0"),
+        ("tracking", {"registered_model": "team/sentiment"}, "tracking.registered_model"),
+        ("tracking", {"registered_model": "sentiment@v2"}, "tracking.registered_model"),
+        ("tracking", {"registered_model": "s3:model"}, "tracking.registered_model"),
+        ("tracking", {"registered_model": ".."}, "tracking.registered_model"),
+        ("tracking", {"experiment": ""}, "tracking.experiment"),
+        ("tracking", {"experiment": "  "}, "tracking.experiment"),
+        ("model", {"label_names": ["neg", "pos", "neg"]}, "model.label_names"),
+    ],
+)
+def test_values_the_workers_or_mlflow_would_refuse_fail_validation(section, values, key):
+    """AdamW's betas outside [0, 1), a registry name MLflow refuses or a models:/ URI cannot
+    hold, an empty experiment and repeated label names fail here, naming the key."""
+    with pytest.raises(SpecError) as err:
+        validate_job({section: values})
+    assert [p for p in err.value.problems if p.startswith(f"{key}:")], err.value.problems
+
+
+def test_submit_checks_every_reference_that_needs_no_local_file(tmp_path):
+    """Without the files (`tether submit`), unknown packaged models, synthetic datasets, a
+    synthetic dataset of another task and a malformed models:/ URI still fail; a missing
+    local file does not (it is checked where the job runs)."""
+    with pytest.raises(SpecError) as err:
+        validate_job(
+            {
+                "model": {"name": "packaged:gpt-17"},
+                "data": {"train": "synthetic:sentimnt", "validation": "synthetic:chat"},
+            },
+            check_files=False,
+        )
+    text = str(err.value)
+    assert "model.name: unknown packaged model" in text
+    assert "data.train: unknown synthetic dataset" in text
+    assert "data.validation: synthetic:chat is causal-lm data" in text
+    with pytest.raises(SpecError, match="model.name: a registered model is models:/NAME@ALIAS"):
+        validate_job({"model": {"name": "models:/demo"}}, check_files=False)
+    with pytest.raises(SpecError, match="unknown synthetic dataset"):  # with a schema error too
+        validate_job(
+            {"data": {"train": "synthetic:nope"}, "train": {"epochs": 0}}, check_files=False
+        )
+    missing = {"data": {"train": str(tmp_path / "absent.csv")}}
+    assert validate_job(missing, check_files=False).data.train.endswith("absent.csv")
+
+
+def test_a_mistyped_file_is_file_not_found_not_a_hub_id(tmp_path, monkeypatch):
+    """'data/train.cvs' (wrong suffix) is a path whether or not data/ exists here, and so is
+    'data/train' when data/ exists: each is 'file not found' naming its key, not a hub lookup.
+    Hub ids ('owner/name', 'owner/name-v1.5') stay hub ids."""
+    monkeypatch.chdir(tmp_path)
+    for ref in ("data/train.cvs", "train.cvs", "data/sst2/train"):
+        with pytest.raises(SpecError, match="data.train: file not found"):
+            validate_job({"data": {"train": ref}})
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SpecError, match="data.validation: file not found"):
+        validate_job({"data": {"train": "synthetic:sentiment", "validation": "data/dev"}})
+    for hub_id in ("nyu-mll/glue", "imdb", "teknium/OpenHermes-2.5"):
+        assert validate_job({"data": {"train": hub_id}}).data.train == hub_id

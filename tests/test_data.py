@@ -267,3 +267,114 @@ def test_cache_key_follows_tokenizer_settings_and_file_content(
     )  # same size and time would fool a stat key
     _, d = prepare(spec, plain, use_cache=True)
     assert d.fingerprint != a.fingerprint
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_lone_surrogate_escape_is_named_not_a_traceback(tmp_path, tokenizer, suffix):
+    """JSON's "\\ud83d" without its pair parses to a string no UTF-8 encoder takes: the read
+    fails with a DataError naming the file, line (or row) and field."""
+    path = tmp_path / f"s{suffix}"
+    rows = ['{"text": "good film", "label": 1}', '{"text": "great \\ud83d film", "label": 1}']
+    path.write_text("\n".join(rows) + "\n" if suffix == ".jsonl" else f"[{', '.join(rows)}]")
+    spec = validate_job({"data": {"train": str(path), "validation_fraction": 0.5}})
+    where = "line 2" if suffix == ".jsonl" else "row 1"
+    with pytest.raises(DataError, match=rf"s{suffix} {where} field 'text'.*unpaired surrogate"):
+        prepare(spec, tokenizer, ["negative", "positive"])
+
+
+def test_conll_columns_split_on_ascii_whitespace_only(tmp_path):
+    """A no-break space inside a token ('10\u00a0000') is part of the token, not a column break."""
+    from tether.data import load_rows
+
+    path = tmp_path / "nbsp.conll"
+    path.write_text("Paid NN O\n10\u00a0000 CD B-MONEY\neuros\tNN\tI-MONEY\n\n")
+    (row,) = load_rows(str(path), "train")
+    assert row["tokens"] == ["Paid", "10\u00a0000", "euros"]
+    assert row["ner_tags"] == ["O", "B-MONEY", "I-MONEY"]
+
+
+def test_hub_revision_pins_every_split_and_the_label_names(monkeypatch):
+    """data.hub_revision reaches the train split, a hub validation source and the ClassLabel
+    names (no network: the loaders are recorded)."""
+    import datasets
+
+    from tether.data.rows import hub_label_names, split_rows
+
+    calls = []
+
+    class Rows:
+        def to_list(self):
+            return [{"text": "fine", "label": 0}, {"text": "dull", "label": 1}]
+
+    class Builder:
+        info = datasets.DatasetInfo(
+            features=datasets.Features({"label": datasets.ClassLabel(names=["neg", "pos"])})
+        )
+
+    def load_dataset(ref, subset=None, split=None, revision=None):
+        calls.append(("rows", ref, split, revision))
+        return Rows()
+
+    def load_dataset_builder(ref, subset=None, revision=None):
+        calls.append(("builder", ref, None, revision))
+        return Builder()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset_builder", load_dataset_builder)
+    spec = validate_job(
+        {
+            "data": {
+                "train": "owner/reviews",
+                "validation": "owner/reviews",
+                "hub_revision": "c0ffee",
+            }
+        }
+    )
+    split_rows(spec.data)
+    assert [c[3] for c in calls] == ["c0ffee"] * 2, calls  # train, then validation
+    assert hub_label_names("owner/reviews", None, "label", "c0ffee") == ["neg", "pos"]
+    assert calls[-1] == ("builder", "owner/reviews", None, "c0ffee")
+
+
+def test_an_unreachable_hub_dataset_is_a_data_error_naming_the_key(monkeypatch):
+    """No network (or offline mode) is a DataError naming data.train, not a ConnectionError
+    traceback; a hub dataset without a validation split still falls back to a carve."""
+    import datasets
+
+    from tether.data.rows import split_rows
+
+    class Rows:
+        def to_list(self):
+            return [{"text": f"text {i}", "label": i % 2} for i in range(10)]
+
+    def load_dataset(ref, subset=None, split=None, revision=None):
+        if ref == "owner/offline":
+            raise ConnectionError(f"Couldn't reach '{ref}' on the Hub (LocalEntryNotFoundError)")
+        if split == "validation":
+            raise ValueError(f"Unknown split {split!r}")
+        return Rows()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    spec = validate_job({"data": {"train": "owner/offline"}})
+    with pytest.raises(DataError, match="data.train: cannot load hub dataset 'owner/offline'"):
+        split_rows(spec.data)
+    train, validation = split_rows(validate_job({"data": {"train": "owner/reviews"}}).data)
+    assert (len(train), len(validation)) == (9, 1)
+
+
+def test_max_length_beyond_the_models_positions_fails_before_encoding(
+    tiny_model_dir, easy_csv, tmp_path
+):
+    """The tiny model has 128 positions: data.max_length 256 fails on the driver, naming the
+    key, the limit and the model; 128 is accepted."""
+    from tether.errors import SpecError
+    from tether.run import prepare_run_data
+
+    from .helpers import make_tiny_job
+
+    job = make_tiny_job(tiny_model_dir, easy_csv, tmp_path / "runs", data={"max_length": 256})
+    with pytest.raises(SpecError, match=r"data.max_length: 256 .*max_position_embeddings is 128"):
+        prepare_run_data(validate_job(job), use_cache=False)
+    job["data"]["max_length"] = 128
+    task, _ = prepare_run_data(validate_job(job), use_cache=False)
+    assert task.max_length == 128

@@ -216,6 +216,7 @@ def test_a_sweep_space_with_trials_that_would_overshoot_is_refused_before_any_tr
     naming the point, before Ray and before the sweep folder exists."""
     from tether.errors import SpecError
     from tether.sweep import open_sweep
+    from tether.sweep.search import pull_problems
 
     job = local_job(tiny_model_dir, easy_csv, tmp_path, scaling={"num_workers": 1})
     job["objective"] = {"mode": "decoupled"}
@@ -232,6 +233,8 @@ def test_a_sweep_space_with_trials_that_would_overshoot_is_refused_before_any_tr
     mild = space | {"objective.strength": {"low": 0.1, "high": 1.0, "scale": "log"}}
     spec = validate_job(job | {"tune": {"space": mild, "num_samples": 2, "name": "mild"}})
     assert open_sweep(spec).name == "mild"
+    default = validate_job(job | {"tune": {"num_samples": 2}})  # the decoupled default space
+    assert pull_problems(default, 64) == []
     job["objective"] = {"mode": "decoupled", "lambda": 10.0}  # lr up to 3e-1: pulls of 3
     lrs = {"optim.lr": {"low": 1e-4, "high": 0.3, "scale": "log"}}
     spec = validate_job(job | {"tune": {"space": lrs, "num_samples": 2, "name": "lr"}})

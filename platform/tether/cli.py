@@ -121,6 +121,11 @@ def cmd_train(args) -> int:
         print(e, file=sys.stderr)
         print("tether: invalid job spec; nothing was started", file=sys.stderr)
         return 2
+    except ConnectionError as e:  # a hub or store the checks above did not name
+        reason = f"{type(e).__name__}: {_first_line(e)}"
+        print(f"tether: a connection failed while preparing the run ({reason})", file=sys.stderr)
+        print("tether: nothing was started", file=sys.stderr)
+        return 2
     print(
         f"tether: training {spec.model.name} ({task.name}) on {data.lineage['num_train']} "
         f"examples (λ={spec.objective.lam}, {spec.objective.mode}) with "

@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tether.errors import SpecError
 from tether.sources import (
@@ -38,6 +45,9 @@ TaskName = Literal[
 ]
 TASK_NAMES: tuple[str, ...] = TaskName.__args__
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # also a folder name: no '/', no leading '.'
+# MLflow refuses '/' and ':' in a registered name; '@' splits models:/NAME@ALIAS, whitespace
+# is not matched by a models:/ reference and a quote breaks the registry's name='...' filter
+REGISTERED_NAME_FORBIDS = re.compile(r"[/:@'\"\s]")
 
 
 class _Section(BaseModel):
@@ -82,6 +92,15 @@ class ModelSection(_Section):
     """Run code shipped with a hub model. Off unless you trust the source."""
     adapter: AdapterSection | None = None
     """Train a LoRA adapter instead of every weight (null: full fine-tuning)."""
+
+    @field_validator("label_names")
+    @classmethod
+    def _label_names_are_distinct(cls, names: list[str] | None) -> list[str] | None:
+        # two ids with one name: a string label in the data could not say which it means
+        repeated = sorted({n for n in names or [] if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"each name must be distinct; repeated: {repeated}")
+        return names
 
 
 class DataSection(_Section):
@@ -184,6 +203,9 @@ class ObjectiveSection(_Section):
         return self
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]  # AdamW refuses a beta outside [0, 1)
+
+
 class OptimSection(_Section):
     lr: float = Field(5e-5, gt=0)
     """Peak AdamW learning rate."""
@@ -194,7 +216,8 @@ class OptimSection(_Section):
     decay_anchored: bool = False
     """Also decay pretrained (anchorable) parameters toward zero, at every λ including 0. Off:
     it would fight the anchor, and the λ = 0 control arm must differ only in λ."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    """AdamW's moment decay rates (β₁, β₂), each in [0, 1)."""
     eps: float = Field(1e-8, gt=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     """Linear warm-up over this share of the optimizer steps."""
@@ -301,7 +324,7 @@ class AshaSection(_Section):
 
 # where the anchor acts (measured: benchmarks/anchoring_quality.py and docs/benchmarks.md):
 # coupled λ multiplies a gradient, decoupled λ·lr is a per-step pull, so their scales differ
-DEFAULT_LAMBDA_RANGE = {"coupled": (1e-4, 1e-1), "decoupled": (1.0, 1e4)}
+DEFAULT_LAMBDA_RANGE = {"coupled": (1e-4, 1e-1), "decoupled": (1.0, 3e3)}  # 3e3 × the top lr < 1
 DEFAULT_LR_RANGE = (1e-5, 3e-4)
 
 
@@ -313,7 +336,7 @@ class TuneSection(_Section):
     """Sweep name (folder under storage.path); default '<job name>-sweep-<timestamp>'."""
     space: dict[str, SearchDimension] | None = None
     """Dotted spec key → dimension, e.g. {objective.lambda: {low: 1.0e-4, high: 0.1}}.
-    Default: λ log-uniform over 1e-4..0.1 (coupled) or 1..1e4 (decoupled) and lr over
+    Default: λ log-uniform over 1e-4..0.1 (coupled) or 1..3e3 (decoupled) and lr over
     1e-5..3e-4."""
     num_samples: int | None = Field(None, ge=1)
     """Anchored trials for random/optuna search (default 8); grid runs every combination."""
@@ -362,8 +385,32 @@ class TrackingSection(_Section):
     uri: str | None = None
     """Tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
     experiment: str = "tether"
+    """MLflow experiment name (not empty)."""
     registered_model: str | None = None
-    """Registry name for this job's models; default: the job name."""
+    """Registry name for this job's models; default: the job name. No '/', ':', '@', quotes
+    or whitespace (MLflow refuses some, the others break `models:/NAME@ALIAS`)."""
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_is_named(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("an MLflow experiment needs a name")
+        return name
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registered_name_fits_a_uri(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        if name in ("", ".", ".."):
+            raise ValueError("a registered model needs a name other than '', '.' or '..'")
+        bad = sorted(set(REGISTERED_NAME_FORBIDS.findall(name)))
+        if bad:
+            raise ValueError(
+                f"{bad} cannot be in a registered model name: MLflow refuses '/' and ':', and "
+                "'@', quotes or whitespace break models:/NAME@ALIAS references"
+            )
+        return name
 
 
 class JobSpec(_Section):
@@ -562,16 +609,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def validate_job(
     raw: dict[str, Any], source: str = "job spec", check_files: bool = True
 ) -> JobSpec:
-    """Schema validation plus path/column checks; raises SpecError listing every problem."""
+    """Schema validation plus source checks; raises SpecError listing every problem.
+
+    ``check_files=False`` (`tether submit`: the files are read where the job runs) still checks
+    the references that need no local file: packaged and registered model names, synthetic
+    datasets and their task."""
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
         problems = [_format_error(err) for err in e.errors()]
-        if check_files:  # still report bad paths/columns in the sections that did parse
-            problems += check_sources(*_parseable_sections(raw))
+        # still report bad references in the sections that did parse
+        problems += check_sources(*_parseable_sections(raw), check_files=check_files)
         raise SpecError(problems, source) from None
     spec = _absolutize_paths(spec)
-    problems = check_sources(spec.model, spec.data) if check_files else []
+    problems = check_sources(spec.model, spec.data, check_files=check_files)
     probe = spec.eval.forgetting_probe
     if check_files and probe not in ("builtin", "none") and not Path(probe).is_file():
         problems.append(f"eval.forgetting_probe: file not found (got {probe!r})")
@@ -597,12 +648,12 @@ def _parseable_sections(raw: dict[str, Any]) -> tuple[ModelSection | None, DataS
 
 def _format_error(err: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")  # our validators' own words
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     value = err.get("input")
     if err["type"] == "value_error" and not err["loc"]:
-        return msg.removeprefix("Value error, ")  # our own validators name their key
+        return msg  # our own validators name their key
     if isinstance(value, dict) and err["type"] != "model_type":
         return f"{key}: {msg}"
     return f"{key}: {msg} (got {value!r})"
@@ -674,9 +725,13 @@ def task_columns(task: str, data: DataSection) -> list[dict[str, str]]:
     ]
 
 
-def check_sources(model_section: ModelSection | None, data: DataSection | None) -> list[str]:
-    """Problems with the model and data references that can be seen without loading them."""
-    problems = _model_problems(model_section.name if model_section is not None else "")
+def check_sources(
+    model_section: ModelSection | None, data: DataSection | None, check_files: bool = True
+) -> list[str]:
+    """Problems with the model and data references that can be seen without loading them;
+    local files and folders only with ``check_files``."""
+    name = model_section.name if model_section is not None else ""
+    problems = _model_problems(name, check_files)
     if data is None:
         return problems
     task = model_section.task if model_section is not None else "sequence-classification"
@@ -687,7 +742,7 @@ def check_sources(model_section: ModelSection | None, data: DataSection | None) 
             continue
         if ref.startswith(SYNTHETIC_PREFIX):
             problems += _check_synthetic(f"data.{key}", ref, task, alternatives)
-        elif is_local_path(ref):
+        elif check_files and is_local_path(ref):
             problems += _check_file(f"data.{key}", ref, alternatives, data.rename_columns)
     return problems
 
@@ -695,7 +750,7 @@ def check_sources(model_section: ModelSection | None, data: DataSection | None) 
 REGISTERED_MODEL = re.compile(r"^models:/[^/@\s]+(?:@[^/@\s]+|/\d+)$")
 
 
-def _model_problems(model: str) -> list[str]:
+def _model_problems(model: str, check_files: bool = True) -> list[str]:
     if model.startswith(REGISTRY_PREFIX) and not REGISTERED_MODEL.match(model):
         return [
             f"model.name: a registered model is models:/NAME@ALIAS or models:/NAME/VERSION "
@@ -704,7 +759,7 @@ def _model_problems(model: str) -> list[str]:
     if model.startswith(PACKAGED_PREFIX) and model[len(PACKAGED_PREFIX) :] not in PACKAGED_MODELS:
         known = ", ".join(PACKAGED_PREFIX + k for k in PACKAGED_MODELS)
         return [f"model.name: unknown packaged model {model!r} (known: {known})"]
-    if model and not model.startswith((PACKAGED_PREFIX, REGISTRY_PREFIX)):
+    if check_files and model and not model.startswith((PACKAGED_PREFIX, REGISTRY_PREFIX)):
         if is_local_path(model) and not Path(model).is_dir():
             return [f"model.name: no such model directory (got {model!r})"]
     return []

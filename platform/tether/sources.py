@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,13 +63,23 @@ SYNTHETIC_DATASETS: dict[str, SyntheticDataset] = {
 }
 
 
+# a file-type suffix ('.cvs' too): hub ids end in a name, or in a version like '-v1.5'
+FILE_SUFFIX = re.compile(r"\.[A-Za-z]{1,8}$")
+
+
 def is_local_path(ref: str) -> bool:
-    """A data/model reference that names a local file or folder rather than a hub id."""
-    return (
-        ref.startswith(("/", "./", "../", "~"))
-        or ref.lower().endswith(DATA_FILE_SUFFIXES)
-        or Path(ref).exists()
-    )
+    """A data/model reference that names a local file or folder rather than a hub id.
+
+    A hub id is 'name' or 'owner/name'. Anything else that looks like a path is one, so that a
+    mistyped file ('data/train.cvs') is "file not found" here rather than a hub lookup that
+    fails later, or fetches someone else's dataset of that name: a path prefix, a file suffix,
+    more than one '/', or a first folder that exists here.
+    """
+    if ref.startswith(("/", "./", "../", "~")) or "\\" in ref or Path(ref).exists():
+        return True
+    if ref.lower().endswith(DATA_FILE_SUFFIXES) or FILE_SUFFIX.search(ref.rsplit("/", 1)[-1]):
+        return True
+    return ref.count("/") > 1 or ("/" in ref and Path(ref).parent.is_dir())
 
 
 def is_conll(path: str | Path) -> bool:

@@ -2,7 +2,8 @@
 
     tether submit jobs/sst2.yaml [key=value ...] [--tune] [--address http://HEAD:8265] [--follow]
 
-The spec is validated here first (schema and overrides; data paths are checked again on the
+The spec is validated here first (schema, overrides, and the references that need no local
+file: packaged and registered model names, synthetic datasets; data paths are checked on the
 cluster, where they must exist), then the current directory is uploaded as the job's working
 dir and ``tether train|tune`` runs there. Ray's token auth is honoured: the Jobs client sends
 the token from RAY_AUTH_TOKEN / ~/.ray/auth_token, or the one read from --token-file (never
@@ -41,10 +42,10 @@ UPLOAD_EXCLUDES = [
     ".ruff_cache",
     "benchmarks/results",
 ]
-# credentials, wherever they sit in the tree (gitignore syntax, as Ray's excludes are)
+# credentials, wherever they sit in the tree (gitignore syntax, as Ray's excludes are: a
+# pattern with a slash before its end is anchored to the root, so nested folders need **/)
 SECRET_EXCLUDES = [
-    ".env",
-    ".env.*",
+    ".env*",  # .env, .env.local, .envrc (direnv)
     "*.pem",
     "*.key",
     "*.p12",
@@ -59,7 +60,7 @@ SECRET_EXCLUDES = [
     ".npmrc",
     ".aws/",
     ".azure/",
-    ".config/gcloud/",
+    "**/.config/gcloud/",
     ".kube/",
     ".docker/",
     ".ssh/",
@@ -181,7 +182,8 @@ def submit(
         raise ValueError(
             f"job spec {job} is not inside the uploaded directory {working_dir}"
         ) from None
-    load_job(job_path, overrides, check_files=False)  # schema errors stop here, before any upload
+    # spec errors stop here, before any upload; files are checked where the job runs
+    load_job(job_path, overrides, check_files=False)
     check_working_dir(working_dir)
     files, size, withheld = upload_contents(working_dir)
     print(f"tether: uploading {working_dir}: {files} files, {size / 2**20:.1f} MiB", flush=True)

@@ -97,7 +97,7 @@ def prepare_data(
     """Load, sample and encode both splits for ``task`` (cached by content fingerprint)."""
     tokenizer_id = tokenizer_identity(tokenizer)  # before any encode sets call-time state
     train_rows, val_rows = split_rows(cfg)
-    hub_names = hub_label_names(cfg.train, cfg.hub_subset, task.label_column)
+    hub_names = hub_label_names(cfg.train, cfg.hub_subset, task.label_column, cfg.hub_revision)
     labels = task.label_names(train_rows, label_names, hub_names)
     task = task.with_labels(labels)
     digest = content_digest(train_rows, val_rows)

@@ -9,6 +9,8 @@ UTF-8 byte-order mark is dropped, and every row remembers where it came from (``
 from __future__ import annotations
 
 import json
+import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,14 @@ def where(row: Row) -> str:
 
 
 def load_rows(
-    ref: str, split: str, hub_subset: str | None = None, hub_revision: str | None = None
+    ref: str,
+    split: str,
+    hub_subset: str | None = None,
+    hub_revision: str | None = None,
+    key: str = "data.train",
 ) -> list[Row]:
-    """Rows of one split from a synthetic source, a local file, or the hub."""
+    """Rows of one split from a synthetic source, a local file, or the hub (``key``, the spec
+    key that named ``ref``, is what a hub failure names)."""
     if ref.startswith(SYNTHETIC_PREFIX):
         from tether.synthetic import generate
 
@@ -51,8 +58,24 @@ def load_rows(
     import datasets
 
     datasets.disable_progress_bars()
-    ds = datasets.load_dataset(ref, hub_subset, split=split, revision=hub_revision)
+    with hub_errors(key, ref):
+        ds = datasets.load_dataset(ref, hub_subset, split=split, revision=hub_revision)
     return [r | {WHERE: f"{ref} [{split}] row {i}"} for i, r in enumerate(ds.to_list())]
+
+
+@contextmanager
+def hub_errors(key: str, ref: str):
+    """A hub dataset that cannot be reached or found is a DataError naming its key, not a
+    traceback: every such failure (no network, offline mode, HTTP error, no such dataset)
+    is an OSError in datasets and huggingface_hub."""
+    try:
+        yield
+    except OSError as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(
+            f"{key}: cannot load hub dataset {ref!r} ({type(e).__name__}: {reason}); check the "
+            "id and the network, or give a local file (a path: ./file.csv)"
+        ) from e
 
 
 def read_file(path: Path) -> list[Row]:
@@ -91,6 +114,30 @@ def _read_delimited(path: Path, sep: str) -> list[Row]:
     return [r | {WHERE: f"{path.name} line {i + 2}"} for i, r in enumerate(records)]
 
 
+# a file decoded as UTF-8 holds no surrogate: only a JSON escape (\ud800-\udfff) makes one
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def check_utf8(value: Any, where: str, field: str = "") -> None:
+    """JSON's \\ud83d escapes can make a string with half a surrogate pair, which no UTF-8
+    encoder (tokenizer, cache key) accepts: refuse it here, naming where it is."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(
+                f"{where} field {field or '(row)'!r}: {value[max(0, e.start - 10) : e.end + 10]!r} "
+                "has an unpaired surrogate (a lone \\ud800-\\udfff escape); it is not text"
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_utf8(k, where, field)
+            check_utf8(v, where, f"{field}.{k}" if field else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_utf8(v, where, f"{field}[{i}]")
+
+
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
     with path.open(encoding="utf-8-sig") as f:
@@ -103,26 +150,37 @@ def _read_jsonl(path: Path) -> list[Row]:
                 raise DataError(f"{path.name} line {number}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path.name} line {number}: expected a JSON object per line")
+            if SURROGATE_ESCAPE.search(line):
+                check_utf8(row, f"{path.name} line {number}")
             rows.append(row | {WHERE: f"{path.name} line {number}"})
     return rows
 
 
 def _read_json(path: Path) -> list[Row]:
+    text = path.read_text(encoding="utf-8-sig")
     try:
-        content = json.loads(path.read_text(encoding="utf-8-sig"))
+        content = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path.name}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    rows = _json_rows(content, path.name)
+    if SURROGATE_ESCAPE.search(text):
+        for row in rows:
+            check_utf8({k: v for k, v in row.items() if k != WHERE}, row[WHERE])
+    return rows
+
+
+def _json_rows(content: Any, name: str) -> list[Row]:
     if is_squad(content):
-        return squad_rows(content, path.name)
+        return squad_rows(content, name)
     if isinstance(content, dict):  # column-oriented {"text": [...], "label": [...]}
         lengths = {len(v) for v in content.values() if isinstance(v, list)}
         if len(lengths) != 1 or not all(isinstance(v, list) for v in content.values()):
-            raise DataError(f"{path.name}: a JSON object must map columns to equal-length lists")
+            raise DataError(f"{name}: a JSON object must map columns to equal-length lists")
         n = lengths.pop()
         content = [{k: v[i] for k, v in content.items()} for i in range(n)]
     if not isinstance(content, list) or not all(isinstance(r, dict) for r in content):
-        raise DataError(f"{path.name}: expected a list of objects or an object of columns")
-    return [r | {WHERE: f"{path.name} row {i}"} for i, r in enumerate(content)]
+        raise DataError(f"{name}: expected a list of objects or an object of columns")
+    return [r | {WHERE: f"{name} row {i}"} for i, r in enumerate(content)]
 
 
 def squad_rows(content: dict, name: str) -> list[Row]:
@@ -155,6 +213,9 @@ def squad_rows(content: dict, name: str) -> list[Row]:
     return rows
 
 
+COLUMN_SEPARATOR = re.compile(r"[ \t]+")
+
+
 def read_conll(path: Path) -> list[Row]:
     """CoNLL-2003 format: one token per line, the tag in the last column, blank lines between
     sentences, ``-DOCSTART-`` lines skipped. Rows: {"tokens": [...], "ner_tags": [...]}."""
@@ -173,7 +234,10 @@ def read_conll(path: Path) -> list[Row]:
 
     with path.open(encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
-            parts = line.split()
+            # columns are ASCII-separated: str.split() would also split a token at a no-break
+            # space ('10\u00a0000') and keep only its first half
+            parts = COLUMN_SEPARATOR.split(line.strip(" \t\r\n"))
+            parts = [] if parts == [""] else parts
             if not parts:
                 flush()
                 continue
@@ -221,7 +285,13 @@ def split_rows(cfg) -> tuple[list[Row], list[Row]]:
         train = [train[i] for i in sorted(train_order[: cfg.max_train_samples])]
     validation = None
     if cfg.validation is not None:
-        validation = load_rows(cfg.validation, cfg.validation_split, cfg.hub_subset)
+        validation = load_rows(
+            cfg.validation,
+            cfg.validation_split,
+            cfg.hub_subset,
+            cfg.hub_revision,
+            "data.validation",
+        )
         if not validation:
             raise DataError(f"data.validation: no rows in {cfg.validation!r} (only a header?)")
     elif cfg.train.startswith(SYNTHETIC_PREFIX):
@@ -246,17 +316,23 @@ def split_rows(cfg) -> tuple[list[Row], list[Row]]:
 def _try_hub_split(cfg) -> list[Row] | None:
     try:
         return load_rows(cfg.train, cfg.validation_split, cfg.hub_subset, cfg.hub_revision)
+    except DataError:  # the hub is unreachable: not a missing split
+        raise
     except ValueError:  # the hub dataset has no such split
         return None
 
 
-def hub_label_names(ref: str, hub_subset: str | None, column: str | None) -> list[str] | None:
-    """ClassLabel names a hub dataset declares for ``column`` (or for its elements)."""
+def hub_label_names(
+    ref: str, hub_subset: str | None, column: str | None, hub_revision: str | None = None
+) -> list[str] | None:
+    """ClassLabel names a hub dataset declares for ``column`` (or for its elements), at the
+    same revision as its rows."""
     if column is None or ref.startswith(SYNTHETIC_PREFIX) or is_local_path(ref):
         return None
     import datasets
 
-    builder = datasets.load_dataset_builder(ref, hub_subset)
+    with hub_errors("data.train", ref):
+        builder = datasets.load_dataset_builder(ref, hub_subset, revision=hub_revision)
     feature = (builder.info.features or {}).get(column)
     feature = getattr(feature, "feature", feature)  # Sequence(ClassLabel) for tags
     return list(feature.names) if hasattr(feature, "names") else None

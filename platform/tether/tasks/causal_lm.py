@@ -490,17 +490,9 @@ def probe_prompts(setting: str) -> list[str]:
         from tether.tasks.probe import PROBE_PROMPTS
 
         return list(PROBE_PROMPTS)
-    prompts = []
-    for number, line in enumerate(Path(setting).read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                prompt = json.loads(line)["prompt"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(
-                    f"eval.forgetting_probe: {setting} line {number} needs a 'prompt' field"
-                ) from None
-            prompts.append(str(prompt))
-    return prompts
+    from tether.tasks.probe import read_probe_prompts
+
+    return read_probe_prompts(setting)
 
 
 def theta_star_answers(task: CausalLM, source, revision, trust_remote_code, tokenizer, prompts):

@@ -9,6 +9,11 @@ everyday chat, so it covers more than any one fine-tuning task. A user file (JSO
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from tether.errors import DataError
+
 PROBE_PROMPTS: tuple[str, ...] = (
     # facts
     "What is the capital of France?",
@@ -67,3 +72,23 @@ PROBE_PROMPTS: tuple[str, ...] = (
     "What makes a good team member?",
     "Say something encouraging for a Monday morning.",
 )
+
+
+def read_probe_prompts(path: str | Path) -> list[str]:
+    """The ``prompt`` of each line of a user's probe file (JSONL; blank lines skipped).
+
+    Read as UTF-8 with an optional byte-order mark: editors on Windows write one, and json
+    would refuse the first line for it."""
+    prompts = []
+    text = Path(path).read_text(encoding="utf-8-sig")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line)["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(
+                f"eval.forgetting_probe: {path} line {number} needs a 'prompt' field"
+            ) from None
+        prompts.append(str(prompt))
+    return prompts
