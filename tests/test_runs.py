@@ -122,6 +122,25 @@ def test_local_mode_resumes_from_its_last_checkpoint_with_the_same_result(
         )
 
 
+def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tiny_model_dir, easy_csv, tmp_path):
+    """One job, one MLflow run: the attempt that died at step 12 and the one that resumed from
+    checkpoint 10 log into the same run, which ends FINISHED with the whole curve."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    job = local_job(tiny_model_dir, easy_csv, tmp_path, db)
+    with pytest.raises(RuntimeError, match="test failure at step 12"):
+        run_training(validate_job(job), hooks=FailAt(12))
+    resumed = run_training(validate_job(job))
+    assert resumed.result.metrics["resumed_from_step"] == 10
+    (run,) = mlflow_runs(db)
+    assert run.info.status == "FINISHED" and run.data.tags["tether.resumed"] == "true"
+    assert resumed.summary["mlflow_run_id"] == run.info.run_id
+    history = MlflowClient(f"sqlite:///{db}").get_metric_history(run.info.run_id, "eval/loss")
+    steps = sorted({m.step for m in history})
+    assert steps[:2] == [5, 10] and steps[-1] == resumed.summary["step"] > 10
+
+
 def test_a_resumed_decoupled_run_keeps_the_pulls_rounding_carry(tiny_model_dir, easy_csv, tmp_path):
     """A decoupled pull below fp32's rounding step waits in the Kahan carry until it adds up
     to a rounding step: the checkpoint keeps the carry, so a run that dies at step 12 and

@@ -64,7 +64,8 @@ def prepare_run_data(spec: JobSpec, use_cache: bool = True) -> tuple[Task, Prepa
     pin_registered_base(spec)
     task = build_task(spec)
     source = resolve_model_source(spec.model.name, spec.storage.path)
-    tokenizer = task.load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code)
+    tokenizer, config = load_tokenizer_and_config(task, spec, source)
+    check_max_length(spec.data.max_length, spec.model.name, tokenizer, config)
     data = prepare_data(spec.data, task, tokenizer, spec.model.label_names, use_cache)
     task = task.with_labels(data.label_names)
     extras, constants = task.extra_splits(
@@ -79,6 +80,57 @@ def prepare_run_data(spec: JobSpec, use_cache: bool = True) -> tuple[Task, Prepa
             f"{len(data.label_names)} labels {data.label_names}"
         )
     return task, data
+
+
+def load_tokenizer_and_config(task: Task, spec: JobSpec, source: str) -> tuple[Any, Any]:
+    """The model's tokenizer and config, on the driver. A model that cannot be fetched (no
+    such hub id, no network, no config) is a ModelSourceError naming model.name."""
+    from transformers import AutoConfig
+
+    from tether.errors import ModelSourceError
+
+    m = spec.model
+    try:
+        tokenizer = task.load_tokenizer(source, m.revision, m.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            source, revision=m.revision, trust_remote_code=m.trust_remote_code
+        )
+    except (OSError, ValueError) as e:  # what transformers raises for each of those
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ModelSourceError(
+            f"model.name: cannot load {m.name!r} ({type(e).__name__}: {reason})"
+        ) from e
+    return tokenizer, config
+
+
+NO_LIMIT = 10**12  # tokenizers without a limit report int(1e30)
+
+
+def check_max_length(max_length: int, model_name: str, tokenizer, config) -> None:
+    """data.max_length must fit the model's positions. A tokenizer honours an explicit
+    max_length above its own limit, so an over-long spec would only fail in the workers'
+    forward pass, after the cluster started."""
+    from tether.errors import SpecError
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = {}
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(text, key, None), int):
+            limits[f"its config's {key}"] = getattr(text, key)
+            break
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < NO_LIMIT:
+        limits["its tokenizer's model_max_length"] = model_max  # RoBERTa: 512 of 514 positions
+    if not limits:
+        return
+    what, limit = min(limits.items(), key=lambda item: item[1])
+    if max_length > limit:
+        raise SpecError(
+            [
+                f"data.max_length: {max_length} is longer than {model_name} takes ({what} is "
+                f"{limit}); set data.max_length to {limit} or less"
+            ]
+        )
 
 
 def pin_registered_base(spec: JobSpec) -> None:
@@ -242,6 +294,30 @@ def claim_run_dir(
     return "resume" if checkpoints(run_dir) else "new"
 
 
+def recorder_uri(spec: JobSpec) -> str | None:
+    from tether.config import resolve_tracking_uri
+
+    return resolve_tracking_uri(spec.tracking.uri) if spec.tracking.enabled else None
+
+
+def note_mlflow_run(run_dir: Path, tracking_uri: str, run_id: str) -> None:
+    """Remember the run's MLflow run in its record, so a resumed attempt logs into it."""
+    path = run_dir / RUN_RECORD
+    record = json.loads(path.read_text())
+    record["mlflow"] = {"tracking_uri": tracking_uri, "run_id": run_id}
+    path.write_text(json.dumps(record, indent=2, default=str))
+
+
+def mlflow_run_of(run_dir: Path, tracking_uri: str | None) -> str | None:
+    """The MLflow run an earlier attempt opened in the same tracking store, if any."""
+    mlflow = json.loads((run_dir / RUN_RECORD).read_text()).get("mlflow") or {}
+    return (
+        mlflow.get("run_id")
+        if tracking_uri and mlflow.get("tracking_uri") == tracking_uri
+        else None
+    )
+
+
 def _write_record(path: Path, identity: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"identity": identity, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -364,7 +440,10 @@ def run_training(
         ensure_ray(spec.scaling.address)
     import ray
 
-    recorder = open_run(spec, run_name, data, parent_run_id, task=task)
+    earlier = mlflow_run_of(run_dir, recorder_uri(spec)) if state == "resume" else None
+    recorder = open_run(spec, run_name, data, parent_run_id, task=task, continue_run_id=earlier)
+    if recorder is not None and recorder.run_id is not None and recorder.run_id != earlier:
+        note_mlflow_run(run_dir, recorder.uri, recorder.run_id)
     inputs = worker_inputs(
         spec,
         data if local else ray.put(data),  # shipped once to the object store

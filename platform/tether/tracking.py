@@ -229,6 +229,18 @@ class RunRecorder:
         self.run_id = self._guard("start run", _start)
         return self.run_id
 
+    def reopen(self, run_id: str) -> str | None:
+        """Continue an earlier attempt's run (a resumed job): RUNNING again, its params and
+        curves kept; None if the store no longer has it."""
+
+        def _reopen():
+            self.client.get_run(run_id)  # raises if it is gone
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+
+        self.run_id = self._guard("reopen run", _reopen)
+        return self.run_id
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -324,14 +336,22 @@ def open_run(
     parent_run_id: str | None = None,
     extra_tags: dict | None = None,
     task=None,
+    continue_run_id: str | None = None,
 ) -> RunRecorder | None:
-    """Start the MLflow run for a training job: params, tags, spec artifact, dataset inputs."""
+    """Start the MLflow run for a training job: params, tags, spec artifact, dataset inputs.
+
+    ``continue_run_id``: the run an interrupted attempt of this same job opened; a resumed
+    job goes on logging there (one run, its whole curve), or starts a new one if it is gone.
+    """
     if not spec.tracking.enabled:
         return None
     import yaml
 
     job = spec.to_dict()
     recorder = RunRecorder(resolve_tracking_uri(spec.tracking.uri), spec.tracking.experiment)
+    if continue_run_id is not None and recorder.reopen(continue_run_id) is not None:
+        recorder.set_tags({"tether.resumed": "true"})
+        return recorder
     tags = {
         "tether.job": spec.name,
         "tether.config_hash": config_hash(job),
