@@ -361,6 +361,11 @@ BAD = {
         400,
         "maximum context length is 512",
     ),
+    "over_context_no_max_tokens": (  # no max_tokens was sent: the message claims none
+        {"messages": [{"role": "user", "content": "word " * 600}]},
+        400,
+        "no room is left for a completion",
+    ),
     "nan_temperature": (
         b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
         400,
@@ -402,6 +407,7 @@ PARAM = {
     "penalty_not_neutral": "frequency_penalty",
     "tools_given": "tools",
     "stop_five": "stop",
+    "over_context_no_max_tokens": "messages",
 }
 
 
@@ -416,6 +422,9 @@ def test_wrong_content_type_and_missing_key_are_refused(server):
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert c.get("/v1/models").status_code == 401 and c.get("/healthz").status_code == 200
+        for path in ("/openapi.json", "/docs", "/redoc"):  # the docs are behind the key too
+            assert c.get(path).status_code == 401
+            assert c.get(path, headers=AUTH).status_code == 200
 
 
 def test_hot_swap_to_a_new_model_fails_no_request(server, llm_b):

@@ -191,6 +191,116 @@ def test_a_load_cancelled_while_injecting_leaves_no_adapter_behind(tiny_llama_di
     assert not pool.loaded and not isinstance(pool.model, PeftModel)
 
 
+def test_a_download_cancelled_before_it_lands_is_deleted(tiny_llama_dir, adapters, monkeypatch):
+    """A client that goes away while its registered adapter is being downloaded cancels the
+    load, but not the download thread: the folder it lands in is deleted all the same."""
+    import shutil
+    import tempfile
+    import threading
+
+    import tether.serving.adapters as serving_adapters
+
+    download = Path(tempfile.mkdtemp(prefix="tether-model-"))  # what the registry fetch makes
+    shutil.copytree(adapters[0], download / "adapter")
+    fetching, proceed = threading.Event(), threading.Event()
+
+    def slow_fetch(source, tracking_uri):
+        fetching.set()
+        proceed.wait(30)
+        return download / "adapter"
+
+    monkeypatch.setattr(serving_adapters, "fetch_adapter", slow_fetch)
+
+    async def run():
+        pool = AdapterPool(base_lm(tiny_llama_dir))
+        catalog = AdapterCatalog(registered=["chat"])
+        load = asyncio.create_task(serving_adapters.load_adapter(pool, catalog, "chat/3", None))
+        await asyncio.to_thread(fetching.wait, 30)
+        load.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        proceed.set()
+        for _ in range(200):  # the download lands, then its folder goes
+            if not download.exists():
+                break
+            await asyncio.sleep(0.01)
+        return pool
+
+    try:
+        pool = asyncio.run(run())
+        assert not download.exists() and not pool.loaded
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+
+
+def test_a_cancelled_row_is_ended_on_the_event_loop_not_the_model_thread(tiny_llama_dir, adapters):
+    """A client that leaves mid-decode: its sequence's end (an asyncio.Queue put) and its
+    adapter's release happen on the event loop, never on the decode thread (neither is
+    thread-safe); the row decoding beside it answers as it would alone."""
+    import threading
+
+    lm = base_lm(tiny_llama_dir)
+    prompt = lm.chat_prompt([{"role": "user", "content": "Tell me something."}])
+    alone = greedy(lm, prompt, 12)  # before any adapter is injected into lm's modules
+    released_on = []
+
+    async def run():
+        pool = AdapterPool(lm)
+        engine = TransformersEngine(lm, max_batch=4, pool=pool)
+        adapter = await pool.load(AdapterSource("a", folder=str(adapters[0])), adapters[0])
+        release = adapter.release
+
+        def recording_release():
+            released_on.append(threading.current_thread())
+            release()
+
+        adapter.release = recording_release
+        beside = asyncio.create_task(answer(engine, prompt, n=12))
+        leaving = engine.submit(prompt, Sampling(max_new_tokens=200), adapter=adapter)
+        while len(leaving.generated) < 2 and not leaving.finish:
+            await asyncio.sleep(0.005)
+        leaving.cancel()
+        events = [e async for e in leaving.events()]
+        return events[-1], await beside, engine.stats()
+
+    end, (text, _), stats = asyncio.run(run())
+    assert isinstance(end, Finished) and end.reason == "cancelled"
+    assert released_on == [threading.main_thread()]  # asyncio.run's loop thread
+    assert stats["cancelled"] == 1
+    assert text == alone
+
+
+def test_a_failed_prefill_fails_its_own_request_only(tiny_llama_dir):
+    """A prompt whose prefill fails (out of memory on a long prompt, say) ends its own
+    request with an error; the request admitted beside it answers as it would alone."""
+    from tether.serving.engine import Failed
+
+    lm = base_lm(tiny_llama_dir)
+    prompt = lm.chat_prompt([{"role": "user", "content": "Tell me something."}])
+    doomed = lm.chat_prompt([{"role": "user", "content": "This prompt is far too long."}])
+    alone = greedy(lm, prompt, 10)
+
+    async def run():
+        engine = TransformersEngine(lm, max_batch=4)
+        model = engine.model
+
+        def failing_on_doomed(**inputs):
+            if inputs["input_ids"][0].tolist() == doomed:
+                raise RuntimeError("out of memory (simulated)")
+            return model(**inputs)
+
+        engine.model = failing_on_doomed
+        good = asyncio.create_task(answer(engine, prompt))
+        bad = engine.submit(doomed, Sampling(max_new_tokens=10))
+        events = [e async for e in bad.events()]
+        return events[-1], await good, engine.stats()
+
+    end, (text, finished), stats = asyncio.run(run())
+    assert isinstance(end, Failed) and "out of memory" in end.message
+    assert text == alone and finished.reason == "length"
+    assert stats["failed_prefills"] == 1 and stats.get("failed_steps", 0) == 0
+
+
 def test_an_adapter_of_another_base_or_an_unknown_id_is_refused(tiny_llama_dir, adapters, tmp_path):
     lm = base_lm(tiny_llama_dir)
     pool = AdapterPool(lm)
@@ -215,6 +325,41 @@ def test_an_adapter_of_another_base_or_an_unknown_id_is_refused(tiny_llama_dir, 
         AdapterCatalog.from_config({"registred": ["chat"]})
     with pytest.raises(FileNotFoundError, match="no LoRA adapter"):
         AdapterCatalog.from_config({"dirs": {"x": str(tmp_path)}})
+
+
+def test_an_adapter_bound_to_fail_is_refused_before_the_multiplexed_loader(
+    tiny_llama_dir, adapters, tmp_path
+):
+    """Serve's multiplexed loader evicts its least recently used adapter before it loads: an
+    adapter of another base is refused (400) before the loader is called; a good one is
+    loaded once, and a request for it while it is loaded goes straight to the loader's cache."""
+    from tether.serving.adapters import adapter_for_request
+    from tether.serving.contract import RequestError
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text((adapters[0] / "adapter_config.json").read_text())
+    card = json.loads((adapters[0] / "tether.json").read_text())
+    card["objective"]["theta_star_sha256"] = "0" * 64
+    (other / "tether.json").write_text(json.dumps(card))
+    pool = AdapterPool(base_lm(tiny_llama_dir))
+    catalog = AdapterCatalog(dirs={"other": str(other), "a": str(adapters[0])})
+    asked: list[str] = []
+
+    async def get_adapter(model_id):  # what @serve.multiplexed wraps
+        asked.append(model_id)
+        source = catalog.locate(model_id)
+        return await pool.load(source, Path(source.folder))
+
+    async def request(model_id):
+        return await adapter_for_request(pool, catalog, get_adapter, model_id, "model", None)
+
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(request("other"))
+    assert refused.value.status == 400 and "another base" in refused.value.message
+    assert asked == []
+    assert asyncio.run(request("a")).model_id == "a" and pool.holds("a")
+    assert asked == ["a"]
 
 
 # --------------------------------------------------------------------------- on Ray Serve
@@ -346,6 +491,7 @@ def test_two_trained_adapters_are_served_on_one_base_through_the_openai_routes(
                 assert r.json()["choices"][0]["message"]["content"] == expected[model]
             assert client.get("/v1/engine").json()["batched_steps"] > before
 
+            kept = client.get("/v1/engine").json()
             for unknown in ("chat-bye/1", "nope", "chat-hi/9"):
                 r = asyncio.run(ask_all([unknown]))[0]
                 assert r.status_code == 404, (unknown, r.text)
@@ -353,6 +499,10 @@ def test_two_trained_adapters_are_served_on_one_base_through_the_openai_routes(
                     r.json()["error"]["param"] == "model"
                     and unknown in r.json()["error"]["message"]
                 )
+            # refused before Serve's loader, which evicts first: the loaded adapter stays
+            after = client.get("/v1/engine").json()
+            assert after["adapters_loaded"] == kept["adapters_loaded"] == ["chat-hi/1"]
+            assert after["adapter_unloads"] == kept["adapter_unloads"]
             listed = [m["id"] for m in client.get("/v1/models").json()["data"]]
             assert listed == [tiny_llama_dir.name, "bye"]
     finally:

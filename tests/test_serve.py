@@ -430,6 +430,14 @@ def test_api_key_is_required_on_v1_routes(server):
         assert anonymous.get("/v1/model").status_code == 401
         assert anonymous.get("/healthz").status_code == 200
         assert anonymous.post("/v1/predict", json={"text": "hi"}, headers=AUTH).status_code == 200
+        # the schema and docs pages list every route: behind the key as well
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert anonymous.get(path).status_code == 401
+            assert anonymous.get(path, headers=AUTH).status_code == 200
+        # an app without a key keeps them open, under its route prefix
+        schema = anonymous.get("/ner/openapi.json")
+        assert schema.status_code == 200 and "/v1/predict" in schema.json()["paths"]
+        assert "/ner/openapi.json" in anonymous.get("/ner/docs").text
 
 
 # --------------------------------------------------------------------------- overload, hot swap
@@ -819,7 +827,7 @@ def fuzz_routes(
     from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis import GenerationMode
 
-    raw = httpx.get(f"{url}/openapi.json", timeout=30).json()
+    raw = httpx.get(f"{url}/openapi.json", headers=headers, timeout=30).json()
     schema = schemathesis.openapi.from_dict(raw)
     generation = GenerationMode.POSITIVE if mode == "positive" else GenerationMode.NEGATIVE
     seen: dict[str, int] = {}

@@ -516,6 +516,17 @@ def resolve_version(tracking_uri: str, model_uri: str) -> dict[str, Any]:
     return {"name": name, "version": str(mv.version), "alias": alias, "run_id": mv.run_id}
 
 
+def version_tags(model_uri: str, tracking_uri: str | None = None) -> dict[str, str]:
+    """A registered version's tags (its lineage: task, θ* hash, adapter), without downloading
+    anything. Raises MLflow's not-found error for a missing name, version or alias."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    identity = resolve_version(uri, model_uri)
+    client = MlflowClient(tracking_uri=uri)
+    return describe_version(client, identity["name"], identity["version"])["tags"]
+
+
 def describe_version(client, name: str, version: str) -> dict[str, Any]:
     """Version metadata: aliases, run id, tags."""
     mv = client.get_model_version(name, version)

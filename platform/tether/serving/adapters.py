@@ -210,6 +210,10 @@ class AdapterPool:
     def loaded_any(self) -> bool:
         return bool(self.loaded)
 
+    def holds(self, model_id: str) -> bool:
+        """Whether ``model_id`` is loaded here (read from any thread: a snapshot)."""
+        return any(a.model_id == model_id for a in list(self.loaded.values()))
+
     # ------------------------------------------------------------------- loading
 
     async def load(self, source: AdapterSource, folder: Path) -> LoadedAdapter:
@@ -505,13 +509,36 @@ def refuse_base_swap(serving_adapters: bool) -> None:
         )
 
 
-async def adapter_for_request(catalog: AdapterCatalog, get_adapter, model_id: str, param: str):
+def refuse_adapter_toggle(serving_adapters: bool, catalog: AdapterCatalog | None) -> None:
+    """A live deployment's base was loaded for adapters (a pool beside it) or not: adding or
+    removing ``user_config.adapters`` would need another load, so it is a new application."""
+    if serving_adapters != (catalog is not None):
+        raise ValueError(
+            "user_config.adapters: adapters cannot be added to or removed from a running "
+            "deployment (its base is loaded for them, or not); deploy a new application"
+        )
+
+
+async def adapter_for_request(
+    pool: AdapterPool,
+    catalog: AdapterCatalog,
+    get_adapter,
+    model_id: str,
+    param: str,
+    tracking_uri: str | None,
+):
     """The loaded adapter for ``model_id`` through the replica's multiplexed loader, or the
-    RequestError the client gets: 404 for an id not served here, 400 for another base."""
+    RequestError the client gets: 404 for an id not served here, 400 for another base.
+
+    Serve's loader evicts its least recently used adapter *before* it loads: a request bound
+    to fail (no such version, an adapter of another base) is refused before it gets there,
+    or any client could empty the cache with bad ids."""
     from tether.serving.contract import RequestError
 
     try:
-        catalog.locate(model_id)  # unknown ids are refused before any loading
+        source = catalog.locate(model_id)  # unknown ids are refused before any loading
+        if not pool.holds(model_id):
+            await asyncio.to_thread(check_before_loading, pool, source, tracking_uri)
         return await get_adapter(model_id)
     except UnknownAdapter as e:
         raise RequestError(404, "model_not_found", str(e), param) from None
@@ -525,6 +552,29 @@ async def adapter_for_request(catalog: AdapterCatalog, get_adapter, model_id: st
                 404, "model_not_found", f"model {model_id!r} is not registered", param
             ) from None
         raise
+
+
+def check_before_loading(pool: AdapterPool, source: AdapterSource, tracking_uri) -> None:
+    """What can be checked without loading the adapter: that it exists and names this base
+    (a folder's card; a registered version's tags, nothing downloaded). A version registered
+    without lineage tags is checked once downloaded, as before."""
+    if source.folder is not None:
+        folder = adapter_folder(Path(source.folder))
+        card = read_card(folder) if (folder / "tether.json").is_file() else {}
+        pool.check_lineage(source.model_id, card, folder)
+        return
+    from tether.registry import version_tags
+
+    tags = version_tags(source.model_uri, tracking_uri)
+    if tags.get("tether.theta_star_sha256"):
+        card = {
+            "task": tags.get("tether.task", pool.task_name),
+            "objective": {
+                "theta_star_sha256": tags["tether.theta_star_sha256"],
+                "base_model": tags.get("tether.base_model"),
+            },
+        }
+        pool.check_lineage(source.model_id, card, Path(source.model_uri))
 
 
 def fetch_adapter(source: AdapterSource, tracking_uri: str | None) -> Path:
@@ -541,14 +591,31 @@ async def load_adapter(pool: AdapterPool, catalog: AdapterCatalog, model_id: str
     """Locate, fetch (off the event loop) and load one adapter into ``pool``; a registry
     download is deleted once its weights are in memory."""
     source = catalog.locate(model_id)
-    folder = await asyncio.to_thread(fetch_adapter, source, tracking_uri)
+    download = asyncio.ensure_future(asyncio.to_thread(fetch_adapter, source, tracking_uri))
+    try:
+        folder = await asyncio.shield(download)  # a download thread cannot be stopped
+    except asyncio.CancelledError:
+        # The request went away mid-download: the thread goes on, and its folder is deleted
+        # once it lands (nobody else knows where it is).
+        download.add_done_callback(lambda done: _discard_if_fetched(done, source))
+        raise
     try:
         return await pool.load(source, folder)
     finally:
-        if source.model_uri is not None:
-            from tether.registry import discard_download
+        _discard_fetched(source, folder)
 
-            discard_download(folder)
+
+def _discard_fetched(source: AdapterSource, folder: Path) -> None:
+    """Delete a registry download (a configured folder is the user's and stays)."""
+    if source.model_uri is not None:
+        from tether.registry import discard_download
+
+        discard_download(folder)
+
+
+def _discard_if_fetched(download: asyncio.Future, source: AdapterSource) -> None:
+    if not download.cancelled() and download.exception() is None:
+        _discard_fetched(source, download.result())
 
 
 def _registry_missing(error: Exception) -> bool:

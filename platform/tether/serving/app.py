@@ -4,6 +4,7 @@
     GET  /v1/model     name, version, alias, run id, task, objective (λ, mode), eval metrics
     GET  /healthz      200 once a model is loaded
     GET  /docs         OpenAPI: the request and prediction schemas of the served task
+                       (/docs, /redoc, /openapi.json need the API key too, when one is set)
 
 Items from concurrent requests (texts, sentences) share forward passes: each item is one entry
 of a ``@serve.batch`` queue (at most ``max_batch_size`` per pass), so a request of 3 texts and
@@ -45,14 +46,17 @@ from tether.serving.adapters import (
     HeadAdapterPool,
     adapter_for_request,
     load_adapter,
+    refuse_adapter_toggle,
     refuse_base_swap,
 )
 from tether.serving.contract import (
     ERROR_RESPONSES,
+    OPENAPI_PATH,
     RequestError,
     RequestLimits,
     check_content_type,
     check_declared_length,
+    docs_page,
     error_body,
     model_ref,
     parse_json,
@@ -283,6 +287,7 @@ def build_api(args: AppArgs) -> tuple[FastAPI, type[BaseModel]]:
     api = FastAPI(
         title="tether",
         description=f"{args.task} with a model fine-tuned by tether (anchored, L2-SP).",
+        openapi_url=None,  # the replica serves the schema and docs, behind its key
     )
     api.add_exception_handler(StarletteHTTPException, _http_error)
     return api, request_model
@@ -314,11 +319,8 @@ class Replica:
         """Load the model user_config names, then swap it in with one assignment."""
         source = ModelSource.from_user_config(user_config)
         catalog = AdapterCatalog.from_config(source.adapters)
-        if self.model is not None and (catalog is None) != (self.pool is None):
-            raise ValueError(
-                "user_config.adapters: adapters cannot be added to or removed from a running "
-                "deployment (its base is loaded for them, or not); deploy a new application"
-            )
+        if self.model is not None:
+            refuse_adapter_toggle(self.pool is not None, catalog)
         if self.model is not None and _same_model(self.source, source):
             self.source, self.catalog = source, catalog  # the allowed adapters may change
             return
@@ -493,8 +495,14 @@ def make_deployment(args: AppArgs):
             if base is not None:
                 return base, None
             for attempt in range(3):
+                replica = self.replica
                 adapter = await adapter_for_request(
-                    self.replica.catalog, self.get_adapter, model_id, ADAPTER_HEADER
+                    replica.pool,
+                    replica.catalog,
+                    self.get_adapter,
+                    model_id,
+                    ADAPTER_HEADER,
+                    replica.source.tracking_uri,
                 )
                 try:
                     adapter.acquire()
@@ -563,6 +571,17 @@ def make_deployment(args: AppArgs):
                 return _error_response(e, request_id)
             except Exception:
                 return _internal_error(request_id)
+
+        @api.get(OPENAPI_PATH, include_in_schema=False)
+        @api.get(api.docs_url, include_in_schema=False)
+        @api.get(api.redoc_url, include_in_schema=False)
+        async def api_docs(self, request: Request):
+            """The OpenAPI schema and its Swagger UI and ReDoc pages, behind the key as /v1/*."""
+            try:
+                authorize(request, self.replica.api_key_sha256)
+            except RequestError as e:
+                return _error_response(e, _request_id(request))
+            return docs_page(request)
 
         @api.get("/healthz", response_model=Health, responses={503: {"model": Health}})
         async def healthz(self) -> JSONResponse:

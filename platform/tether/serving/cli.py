@@ -426,9 +426,15 @@ def print_ready(options, config: dict) -> None:
     address = ray.get_runtime_context().gcs_address
     # an explicit --address never turns token auth on by itself (Ray 2.59+)
     auth_env = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+    # with a key the docs pages need it too, and a browser cannot send it: point at the schema
+    docs = (
+        f"  schema: curl{auth} {options.url}/openapi.json"
+        if auth
+        else f"  docs:   {options.url}/docs"
+    )
     print(
         f"tether serve: serving {served_model_dir(config)} at {options.url}\n"
-        f"  docs:   {options.url}/docs\n"
+        f"{docs}\n"
         f"  try:    {try_command(options, auth)}\n"
         f"  reload: kill -HUP {os.getpid()}, or {auth_env}tether serve --reload --address {address} "
         "[same flags]\n"

@@ -7,7 +7,8 @@ that names the problem, before the replica's model sees it, never a 500:
                                 Infinity; a number too large to represent; a duplicate key;
                                 nesting deeper than max_json_depth; a string holding an
                                 unpaired surrogate (valid JSON escape, not valid Unicode)
-    401 unauthorized            missing or wrong bearer token on /v1/*
+    401 unauthorized            missing or wrong bearer token on /v1/* and the API docs
+                                (/openapi.json, /docs, /redoc), when a key is set
     413 payload_too_large       over max_body_bytes (declared or actually sent)
     415 unsupported_media_type  not application/json (or a charset other than UTF-8)
     422 invalid_input           fields that do not fit the published schema (names the field):
@@ -131,6 +132,37 @@ def request_body_openapi(model: type[BaseModel], example: dict[str, Any]) -> dic
             "content": {"application/json": {"schema": schema, "example": example}},
         }
     }
+
+
+# FastAPI's own schema and docs routes are turned off (``openapi_url=None``): each replica
+# serves them itself, because only the replica knows its API key (it may come from the
+# replica's environment), and a schema listing every route is not for anonymous callers.
+OPENAPI_PATH = "/openapi.json"
+
+
+def docs_page(request) -> Any:
+    """What FastAPI would answer on the app's schema or docs path: the OpenAPI schema, the
+    Swagger UI (``app.docs_url``) or ReDoc (``app.redoc_url``) page. The caller checks the
+    key first."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.responses import JSONResponse
+
+    app = request.app
+    # behind a route prefix (Serve's /ner, /qa apps) the pages must fetch the prefixed schema
+    root_path = request.scope.get("root_path", "").rstrip("/")
+    path = request.url.path
+    if path.endswith(OPENAPI_PATH):
+        schema = app.openapi()
+        servers = schema.get("servers", [])
+        listed = {server.get("url") for server in servers}
+        if root_path and app.root_path_in_servers and root_path not in listed:
+            schema = {**schema, "servers": [{"url": root_path}, *servers]}
+        return JSONResponse(schema)
+    if app.redoc_url and path.endswith(app.redoc_url):
+        return get_redoc_html(openapi_url=root_path + OPENAPI_PATH, title=f"{app.title} - ReDoc")
+    return get_swagger_ui_html(
+        openapi_url=root_path + OPENAPI_PATH, title=f"{app.title} - Swagger UI"
+    )
 
 
 def model_ref(info) -> ModelRef:

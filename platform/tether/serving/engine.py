@@ -189,13 +189,18 @@ class TransformersEngine:
             try:
                 if joining:
                     firsts = await loop.run_in_executor(self.executor, self._admit, joining)
-                    for sequence, token in zip(joining, firsts, strict=True):
-                        self._accept(sequence, token)
+                    for sequence, first in zip(joining, firsts, strict=True):
+                        if isinstance(first, Exception):  # its prefill alone failed
+                            self._fail(sequence, first)
+                        else:
+                            self._accept(sequence, first)
                 leaving = [i for i, s in enumerate(self.active) if s.finish or s.cancelled]
-                if len(leaving) == len(self.active):  # everyone is done: nothing to decode
-                    await loop.run_in_executor(self.executor, self._keep, leaving)
+                if leaving:
+                    dropped = await loop.run_in_executor(self.executor, self._keep, leaving)
+                    self._end_cancelled(dropped)
+                if not self.active:  # everyone is done: nothing to decode
                     continue
-                tokens = await loop.run_in_executor(self.executor, self._step, leaving)
+                tokens = await loop.run_in_executor(self.executor, self._step)
                 for sequence, token in zip(self.active, tokens, strict=True):
                     self._accept(sequence, token)
             except Exception as e:  # never let one bad step hang every request
@@ -208,38 +213,62 @@ class TransformersEngine:
         self.counters["failed_steps"] = self.counters.get("failed_steps", 0) + 1
         for sequence in {id(s): s for s in [*self.active, *joining]}.values():
             if not sequence.finish:
-                sequence.finish = "error"
-                sequence.queue.put_nowait(Failed(f"{type(error).__name__}: {error}"))
-                _release(sequence)
+                self._end_failed(sequence, error)
         self.active, self.cache, self.mask = [], None, None
+
+    def _fail(self, sequence: Sequence, error: Exception) -> None:
+        """One sequence whose prefill failed (its prompt alone: out of memory on a long
+        prompt, say); the batch it was to join goes on."""
+        import logging
+
+        logging.getLogger("ray.serve").error("tether: a prefill failed: %r", error)
+        self.counters["failed_prefills"] = self.counters.get("failed_prefills", 0) + 1
+        self._end_failed(sequence, error)
+
+    def _end_failed(self, sequence: Sequence, error: Exception) -> None:
+        sequence.finish = "error"
+        sequence.queue.put_nowait(Failed(f"{type(error).__name__}: {error}"))
+        _release(sequence)
 
     def _drop_cancelled(self, sequence: Sequence) -> bool:
         if sequence.cancelled:
+            self._end_cancelled([sequence])
+        return sequence.cancelled
+
+    def _end_cancelled(self, sequences: list[Sequence]) -> None:
+        """On the event loop, never the model thread: an asyncio.Queue is not thread-safe (a
+        put from another thread may never wake its reader), nor is an adapter's release."""
+        for sequence in sequences:
             self.counters["cancelled"] += 1
             self._finish(sequence, "cancelled")
-        return sequence.cancelled
 
     # ------------------------------------------------------------------- model work (one thread)
 
     @torch.inference_mode()
-    def _admit(self, joining: list[Sequence]) -> list[int]:
-        """Prefill each new sequence alone, then add its cache as a left-padded row."""
+    def _admit(self, joining: list[Sequence]) -> list[int | Exception]:
+        """Prefill each new sequence alone, then add its cache as a left-padded row. A
+        sequence whose prefill fails gets its exception instead of a first token, and the
+        batch is as if it had never come."""
         from transformers import DynamicCache
 
-        firsts = []
+        firsts: list[int | Exception] = []
         for sequence in joining:
-            ids = torch.tensor([sequence.prompt])
-            out = self.model(
-                input_ids=ids,
-                position_ids=torch.arange(len(sequence.prompt))[None, :],
-                cache=DynamicCache(),
-                use_cache=True,
-                logits_to_keep=1,
-                **self._rows_adapters([sequence]),
-            )
+            try:
+                out = self.model(
+                    input_ids=torch.tensor([sequence.prompt]),
+                    position_ids=torch.arange(len(sequence.prompt))[None, :],
+                    cache=DynamicCache(),
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **self._rows_adapters([sequence]),
+                )
+                first = self._sample(out.logits[0, -1], sequence)
+                self._merge(out.cache, len(sequence.prompt))  # all or nothing
+            except Exception as e:
+                firsts.append(e)
+                continue
             sequence.position = len(sequence.prompt)
-            firsts.append(self._sample(out.logits[0, -1], sequence))
-            self._merge(out.cache, len(sequence.prompt))
+            firsts.append(first)
             self.active.append(sequence)
         return firsts
 
@@ -256,37 +285,35 @@ class TransformersEngine:
             keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
             values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
             layers.append((keys, values))
-        self.cache = DynamicCache(ddp_cache_data=layers)
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(new_mask, width)])
+        mask = torch.cat([_left_pad(self.mask, width), _left_pad(new_mask, width)])
+        self.cache, self.mask = DynamicCache(ddp_cache_data=layers), mask
 
-    def _keep(self, leaving: list[int]) -> None:
-        """Remove finished rows from the batch (and padding no remaining row needs)."""
+    @torch.inference_mode()  # the cache is made of inference tensors
+    def _keep(self, leaving: list[int]) -> list[Sequence]:
+        """Remove finished and cancelled rows from the batch (and padding no remaining row
+        needs); returns the cancelled ones, for the event loop to end."""
         from transformers import DynamicCache
 
         keep = [i for i in range(len(self.active)) if i not in set(leaving)]
-        for i in leaving:
-            if self.active[i].cancelled and not self.active[i].finish:
-                self.counters["cancelled"] += 1
-                self._finish(self.active[i], "cancelled")
-        self.active = [self.active[i] for i in keep]
-        if not keep:
+        dropped = [self.active[i] for i in leaving if not self.active[i].finish]
+        if keep:
+            index = torch.tensor(keep)
+            mask = self.mask[index]
+            first = int((mask.sum(dim=0) > 0).int().argmax())  # leading columns all padding
+            layers = [
+                (layer.keys[index][..., first:, :], layer.values[index][..., first:, :])
+                for layer in self.cache.layers
+            ]
+            self.cache, self.mask = DynamicCache(ddp_cache_data=layers), mask[:, first:]
+        else:
             self.cache = self.mask = None
-            return
-        index = torch.tensor(keep)
-        mask = self.mask[index]
-        first = int((mask.sum(dim=0) > 0).int().argmax())  # leading columns all padding
-        layers = [
-            (layer.keys[index][..., first:, :], layer.values[index][..., first:, :])
-            for layer in self.cache.layers
-        ]
-        self.cache = DynamicCache(ddp_cache_data=layers)
-        self.mask = mask[:, first:]
+        # last: should the above raise, every row is still here for _fail_batch to end
+        self.active = [self.active[i] for i in keep]
+        return dropped
 
     @torch.inference_mode()
-    def _step(self, leaving: list[int]) -> list[int]:
+    def _step(self) -> list[int]:
         """One decode step for every row: each row's last token at its own position."""
-        if leaving:
-            self._keep(leaving)
         rows = len(self.active)
         last = torch.tensor([[s.generated[-1]] for s in self.active])
         positions = torch.tensor([[s.position] for s in self.active])

@@ -5,6 +5,7 @@
     GET  /v1/models             the served model (its registry name, version and alias)
     GET  /v1/model              tether's view: task, objective, metrics (no server paths)
     GET  /v1/engine             batching counters (requests, decode steps, batch sizes)
+    GET  /openapi.json, /docs, /redoc   the schema and its pages (behind the key, when set)
     GET  /healthz
 
 Many LoRA adapters on one base (``user_config.adapters``): the request's ``model`` field
@@ -18,10 +19,10 @@ The official ``openai`` client works unchanged (``base_url=http://127.0.0.1:8000
 Prompts are rendered with the model's own chat template, as in training. Concurrent requests
 share decode steps (``tether.serving.engine``: continuous batching, per-request sampling).
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the same
-4xx classes as OpenAI: 400 unparseable JSON, a prompt over the context limit or a field that
-does not fit the schema (``param`` names it; unknown fields are rejected, as OpenAI does),
-401 no/wrong key, 404 an unknown model or route, 413 body too large, 415 not JSON, 503
-overloaded. OpenAI fields this server does not implement (penalties, logprobs, logit_bias,
+4xx classes as OpenAI: 400 unparseable JSON, a prompt over the context limit, messages the
+model's chat template cannot render (or a model without one) or a field that does not fit the
+schema (``param`` names it; unknown fields are rejected, as OpenAI does), 401 no/wrong key,
+404 an unknown model or route, 413 body too large, 415 not JSON, 503 overloaded. OpenAI fields this server does not implement (penalties, logprobs, logit_bias,
 tools, JSON mode) are accepted at their neutral values, which SDKs send, and refused otherwise.
 
 No ``from __future__ import annotations``: the replica class is pickled by value and FastAPI
@@ -36,22 +37,27 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from tether.errors import ModelSourceError
 from tether.serving.adapters import (
     AdapterCatalog,
     AdapterPool,
     adapter_for_request,
     load_adapter,
+    refuse_adapter_toggle,
     refuse_base_swap,
 )
 from tether.serving.contract import (
+    OPENAPI_PATH,
     RequestError,
     check_content_type,
     check_declared_length,
+    docs_page,
     parse_json,
     read_limited_body,
     request_body_openapi,
@@ -217,8 +223,8 @@ class ErrorBody(BaseModel):
 ERRORS = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
-        400: "unparseable JSON, a prompt over the model's context length, or a body that "
-        "does not fit the schema (param names the field)",
+        400: "unparseable JSON, a prompt over the model's context length, messages the chat "
+        "template cannot render, or a body that does not fit the schema (param names the field)",
         401: "missing or wrong bearer token",
         404: "unknown model",
         413: "body over the byte limit",
@@ -265,13 +271,70 @@ def message_text(content) -> str:
     return "".join(part.text for part in content)
 
 
-def sampling_from(body, default_max_tokens: int, timeout_s: float) -> Sampling:
+def chat_prompt_ids(predictor, messages: list[dict[str, str]]) -> list[int]:
+    """The messages rendered with the model's chat template, as token ids. A model without a
+    template, or a template that refuses these messages (``raise_exception``: roles that do not
+    alternate, say), is the request's fault: a 400 naming ``messages``, not a 500."""
+    try:
+        return predictor.chat_prompt(messages)
+    except ModelSourceError as e:  # no chat template
+        raise RequestError(400, "chat_template_missing", str(e), "messages") from None
+    except TemplateError as e:
+        raise RequestError(
+            400,
+            "chat_template_error",
+            f"the model's chat template cannot render these messages: {e}",
+            "messages",
+        ) from None
+
+
+def requested_max_tokens(body) -> tuple[str, int] | None:
+    """The completion length the client sent, and the field it sent it in (None: unsent)."""
+    for field in ("max_completion_tokens", "max_tokens"):
+        tokens = getattr(body, field, None)
+        if tokens is not None:
+            return field, tokens
+    return None
+
+
+def completion_budget(
+    asked: tuple[str, int] | None,
+    prompt_tokens: int,
+    context_tokens: int,
+    default_tokens: int,
+    prompt_param: str,
+) -> int:
+    """Tokens to generate: what the client asked for (``requested_max_tokens``), if prompt and
+    completion fit the context; else (nothing asked) the default cut to the room the prompt
+    leaves, as OpenAI and vLLM do. A 400 context_length_exceeded when they do not fit or no
+    room is left."""
+    room = context_tokens - prompt_tokens
+    if asked is None:
+        if room < 1:
+            raise RequestError(
+                400,
+                "context_length_exceeded",
+                f"this model's maximum context length is {context_tokens} tokens and the "
+                f"prompt has {prompt_tokens} tokens: no room is left for a completion",
+                prompt_param,
+            )
+        return min(default_tokens, room)
+    field, tokens = asked
+    if tokens > room:
+        raise RequestError(
+            400,
+            "context_length_exceeded",
+            f"this model's maximum context length is {context_tokens} tokens; the prompt has "
+            f"{prompt_tokens} tokens and {field} asks for {tokens}",
+            field if room > 0 else prompt_param,  # the prompt alone is too long
+        )
+    return tokens
+
+
+def sampling_from(body, max_new_tokens: int, timeout_s: float) -> Sampling:
     stop = body.stop if isinstance(body.stop, list) else ([body.stop] if body.stop else [])
-    max_tokens = (
-        getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max_tokens
-    )
     return Sampling(
-        max_new_tokens=max_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=tuple(stop),
@@ -301,6 +364,7 @@ def make_generation_deployment(args):
     api = FastAPI(
         title="tether",
         description="OpenAI-compatible generation with a model fine-tuned by tether.",
+        openapi_url=None,  # the replica serves the schema and docs, behind its key
     )
     api.add_exception_handler(StarletteHTTPException, _openai_http_error)
     chat_example = {
@@ -335,6 +399,8 @@ def make_generation_deployment(args):
 
             source = ModelSource.from_user_config(user_config)
             catalog = AdapterCatalog.from_config(source.adapters)
+            if self.model is not None:
+                refuse_adapter_toggle(self.engine.pool is not None, catalog)
             if self.model is not None and _same_model(self.source, source):
                 self.source, self.catalog = source, catalog  # the allowed adapters may change
                 return
@@ -363,7 +429,14 @@ def make_generation_deployment(args):
 
         async def _adapter(self, model_id: str):
             """The loaded adapter for ``model_id``, as a RequestError when it cannot be."""
-            return await adapter_for_request(self.catalog, self.get_adapter, model_id, "model")
+            return await adapter_for_request(
+                self.engine.pool,
+                self.catalog,
+                self.get_adapter,
+                model_id,
+                "model",
+                self.source.tracking_uri,
+            )
 
         def _load(self, source) -> ServedModel:
             from tether.serving.app import load_source
@@ -411,15 +484,12 @@ def make_generation_deployment(args):
                     adapter = await self._adapter(model_id)
             return engine.submit(prompt, sampling, adapter=adapter)
 
-        def _check_context(self, model: ServedModel, prompt: list[int], sampling: Sampling) -> None:
+        def _max_new_tokens(self, model: ServedModel, body, prompt: list[int], kind: str) -> int:
+            default = min(model.predictor.default_max_tokens, self.args.max_new_tokens)
+            prompt_param = "messages" if kind == "chat" else "prompt"
             limit = model.predictor.max_length
-            if len(prompt) + sampling.max_new_tokens > limit:
-                raise RequestError(
-                    400,
-                    "context_length_exceeded",
-                    f"this model's maximum context length is {limit} tokens; the prompt has "
-                    f"{len(prompt)} tokens and max_tokens asks for {sampling.max_new_tokens}",
-                )
+            asked = requested_max_tokens(body)
+            return completion_budget(asked, len(prompt), limit, default, prompt_param)
 
         async def _generate(self, request: Request, schema, render, kind: str):
             request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -427,13 +497,14 @@ def make_generation_deployment(args):
                 body = await self._body(request, schema)
                 model, engine = self._loaded()
                 name, adapter = await self._check_model(model, body.model)
-                prompt = render(model, body)
+                # off the event loop: a 1 MB body takes ~0.6 s to tokenize, and every stream
+                # of this replica would stall for it
+                prompt = await asyncio.to_thread(render, model, body)
                 sampling = sampling_from(
                     body,
-                    min(model.predictor.default_max_tokens, self.args.max_new_tokens),
+                    self._max_new_tokens(model, body, prompt, kind),
                     self.args.request_timeout_s,
                 )
-                self._check_context(model, prompt, sampling)
                 try:
                     sequence = await self._submit(engine, prompt, sampling, adapter, body.model)
                 except Overloaded as e:
@@ -497,7 +568,7 @@ def make_generation_deployment(args):
                     }
                     for m in body.messages
                 ]
-                return model.predictor.chat_prompt(messages)
+                return chat_prompt_ids(model.predictor, messages)
 
             return await self._generate(request, ChatRequest, render, "chat")
 
@@ -567,6 +638,18 @@ def make_generation_deployment(args):
                 status = 400 if e.status == 422 else e.status
                 return openai_error(status, e.error, e.message, request_id, e.param)
             return JSONResponse(engine.stats())
+
+        @api.get(OPENAPI_PATH, include_in_schema=False)
+        @api.get(api.docs_url, include_in_schema=False)
+        @api.get(api.redoc_url, include_in_schema=False)
+        async def api_docs(self, request: Request):
+            """The OpenAPI schema and its Swagger UI and ReDoc pages, behind the key as /v1/*."""
+            try:
+                authorize(request, self.api_key_sha256)
+            except RequestError as e:
+                request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+                return openai_error(e.status, e.error, e.message, request_id, e.param)
+            return docs_page(request)
 
         @api.get("/healthz")
         async def healthz(self):
