@@ -269,6 +269,21 @@ def test_cache_key_follows_tokenizer_settings_and_file_content(
     assert d.fingerprint != a.fingerprint
 
 
+def test_a_model_installed_elsewhere_has_the_same_tokenizer_identity(tmp_path, packaged_model_dir):
+    """Where the tokenizer's files sit (another venv, node or clone) changes nothing it
+    encodes: the identity (and so the data fingerprint a resume and the registry gate
+    compare) stays the same; a real setting still changes it."""
+    import shutil
+
+    from tether.data.prepare import tokenizer_identity
+
+    copy = shutil.copytree(packaged_model_dir, tmp_path / "elsewhere")
+    here, there = load_tokenizer(str(packaged_model_dir)), load_tokenizer(str(copy))
+    assert tokenizer_identity(here) == tokenizer_identity(there)
+    there.padding_side = "left" if here.padding_side == "right" else "right"
+    assert tokenizer_identity(here) != tokenizer_identity(there)
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_a_lone_surrogate_escape_is_named_not_a_traceback(tmp_path, tokenizer, suffix):
     """JSON's "\\ud83d" without its pair parses to a string no UTF-8 encoder takes: the read

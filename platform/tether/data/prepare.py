@@ -61,7 +61,13 @@ def tokenizer_identity(tokenizer) -> str:
     settings = {
         "class": type(tokenizer).__name__,
         "pipeline": pipeline,
-        "init": {k: v for k, v in (tokenizer.init_kwargs or {}).items() if k != "name_or_path"},
+        # where the files sit is no setting (their content is the pipeline above): a model
+        # installed elsewhere (another venv, node or clone) encodes the same
+        "init": {
+            k: v
+            for k, v in (tokenizer.init_kwargs or {}).items()
+            if k != "name_or_path" and not k.endswith("_file")
+        },
         "special": tokenizer.special_tokens_map,
         "sides": [
             getattr(tokenizer, "padding_side", None),
