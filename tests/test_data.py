@@ -269,6 +269,16 @@ def test_cache_key_follows_tokenizer_settings_and_file_content(
     assert d.fingerprint != a.fingerprint
 
 
+def test_a_bad_csv_row_is_named_by_the_line_an_editor_shows(tmp_path, tokenizer):
+    """Blank lines and a quoted cell spanning two lines: the empty text on line 7 is named
+    as line 7, not as the fifth row's 'line 6'."""
+    path = tmp_path / "t.csv"
+    path.write_text('text,label\ngood,1\n\n"two\nlines",0\nfine,1\n,0\n')
+    spec = validate_job({"data": {"train": str(path), "validation_fraction": 0.25}})
+    with pytest.raises(DataError, match=r"t.csv line 7"):
+        prepare(spec, tokenizer)
+
+
 def test_a_model_installed_elsewhere_has_the_same_tokenizer_identity(tmp_path, packaged_model_dir):
     """Where the tokenizer's files sit (another venv, node or clone) changes nothing it
     encodes: the identity (and so the data fingerprint a resume and the registry gate

@@ -110,8 +110,26 @@ def _read_delimited(path: Path, sep: str) -> list[Row]:
         quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,  # TSV quotes are text
     )
     records = frame.to_dict(orient="records")
-    # line numbers as an editor shows them: the header is line 1
-    return [r | {WHERE: f"{path.name} line {i + 2}"} for i, r in enumerate(records)]
+    lines = record_lines(path, sep)
+    if len(lines) != len(records):  # a layout the csv module reads otherwise: count rows
+        lines = [i + 2 for i in range(len(records))]
+    return [r | {WHERE: f"{path.name} line {n}"} for r, n in zip(records, lines, strict=True)]
+
+
+def record_lines(path: Path, sep: str) -> list[int]:
+    """The line (as an editor shows it) each data record starts on: blank lines are skipped
+    and a quoted cell may span lines, so the row index is not the line."""
+    import csv
+
+    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    starts, end = [], 0
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=sep, quoting=quoting)
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if record:  # a blank line is no record
+                starts.append(start)
+    return starts[1:]  # the header is the first
 
 
 # a file decoded as UTF-8 holds no surrogate: only a JSON escape (\ud800-\udfff) makes one
