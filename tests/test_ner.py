@@ -116,6 +116,25 @@ def test_each_word_gets_exactly_one_labelled_subtoken(packaged_model_dir, tmp_pa
         assert [task.labels[row[p]] for p in labelled] == rows[i]["ner_tags"]
 
 
+def test_a_word_the_tokenizer_drops_is_counted(packaged_model_dir, tmp_path):
+    """A word with no token at all (a lone zero-width space: BERT's tokenizer drops it) keeps
+    its gold tag and is scored as an "O" prediction; data_stats says how many there are."""
+    tokenizer = load_tokenizer(str(packaged_model_dir))
+    rows = [{"tokens": ["Anna", "\u200b", "Berlin"], "ner_tags": ["B-PER", "O", "B-LOC"]}] * 3
+    path = write_rows(tmp_path / "z.jsonl", rows)
+    spec = validate_job(
+        {
+            "model": {"task": "token-classification"},
+            "data": {"train": str(path), "validation": str(path)},
+        }
+    )
+    task, data = prepare(spec, tokenizer)
+    assert data.stats["validation_words_without_a_token"] == 3
+    assert data.validation.fields["word_starts"].row(0).tolist()[1] == -1
+    gold = [task.labels[t] for t in data.validation.fields["word_tags"].row(0).tolist()]
+    assert gold == ["B-PER", "O", "B-LOC"]  # all three kept
+
+
 def test_conll_files_load_and_a_malformed_line_is_named_before_any_ray_work(tmp_path):
     """The original CoNLL format (4 columns, -DOCSTART-) loads; a line without a tag fails
     naming file and line, at spec validation time of the data."""

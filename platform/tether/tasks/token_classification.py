@@ -159,7 +159,11 @@ class TokenClassification(ValidationOnly):
             # padded positions are no word: the loss, the metrics and serving skip them
             pad_values={"labels": IGNORE_INDEX, "word_tags": IGNORE_INDEX, "word_starts": -1},
         )
-        return encoded, {"examples": len(rows), "truncated": count_truncated(enc)}
+        # words with no token (cut by truncation, or one the tokenizer drops, e.g. a lone
+        # zero-width space) are scored as "O" predictions: say how many there are
+        tokenless = sum(int((np.asarray(s) < 0).sum()) for s in starts)
+        stats = {"examples": len(rows), "truncated": count_truncated(enc)}
+        return encoded, stats | {"words_without_a_token": tokenless}
 
     # ------------------------------------------------------------------- model
 
