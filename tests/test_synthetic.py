@@ -382,3 +382,16 @@ def test_qa_datasets_are_registered_with_their_columns():
         assert dataset.task == "question-answering"
         row = GENERATORS[name]("train", 1, 0)[0]
         assert set(dataset.columns) <= set(row)
+
+
+def test_sentiment_classes_are_named_without_label_names(packaged_model_dir):
+    """synthetic:sentiment's labels are class ids with names (like a hub ClassLabel): a job
+    that does not list label_names still predicts 'negative' / 'positive', not '0' / '1'."""
+    from tether.config import validate_job
+    from tether.models import load_tokenizer
+
+    from .helpers import prepare
+
+    spec = validate_job({"data": {"max_train_samples": 40, "max_validation_samples": 20}})
+    task, _ = prepare(spec, load_tokenizer(str(packaged_model_dir)))
+    assert task.labels == LABEL_NAMES

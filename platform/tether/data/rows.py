@@ -344,9 +344,14 @@ def hub_label_names(
     ref: str, hub_subset: str | None, column: str | None, hub_revision: str | None = None
 ) -> list[str] | None:
     """ClassLabel names a hub dataset declares for ``column`` (or for its elements), at the
-    same revision as its rows."""
-    if column is None or ref.startswith(SYNTHETIC_PREFIX) or is_local_path(ref):
+    same revision as its rows; a synthetic dataset's class names."""
+    if column is None or is_local_path(ref):
         return None
+    if ref.startswith(SYNTHETIC_PREFIX):
+        from tether.synthetic import CLASS_NAMES
+
+        names = CLASS_NAMES.get(ref[len(SYNTHETIC_PREFIX) :])
+        return list(names) if names else None
     import datasets
 
     with hub_errors("data.train", ref):

@@ -47,7 +47,9 @@ GENERATORS: dict[str, Callable[[str, int, int], list[dict]]] = {
     "qa": qa_examples,
     "qa-v2": _qa_v2,
 }
-LABELS: dict[str, tuple[str, ...]] = {"sentiment": LABEL_NAMES, "entities": ENTITY_TAGS}
+# the names of datasets whose labels are class ids (as a hub ClassLabel); entity tags are
+# names already
+CLASS_NAMES: dict[str, tuple[str, ...]] = {"sentiment": LABEL_NAMES}
 
 
 def generate(name: str, split: str, n: int, seed: int = 0) -> list[dict]:
