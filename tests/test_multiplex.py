@@ -301,15 +301,20 @@ def test_a_failed_prefill_fails_its_own_request_only(tiny_llama_dir):
     assert stats["failed_prefills"] == 1 and stats.get("failed_steps", 0) == 0
 
 
+def adapter_of_another_base(adapter: Path, out: Path) -> Path:
+    """``adapter``'s files with a card naming another θ* (another base)."""
+    out.mkdir()
+    (out / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    card = json.loads((adapter / "tether.json").read_text())
+    card["objective"]["theta_star_sha256"] = "0" * 64
+    (out / "tether.json").write_text(json.dumps(card))
+    return out
+
+
 def test_an_adapter_of_another_base_or_an_unknown_id_is_refused(tiny_llama_dir, adapters, tmp_path):
     lm = base_lm(tiny_llama_dir)
     pool = AdapterPool(lm)
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "adapter_config.json").write_text((adapters[0] / "adapter_config.json").read_text())
-    card = json.loads((adapters[0] / "tether.json").read_text())
-    card["objective"]["theta_star_sha256"] = "0" * 64
-    (other / "tether.json").write_text(json.dumps(card))
+    other = adapter_of_another_base(adapters[0], tmp_path / "other")
     with pytest.raises(AdapterMismatch, match="another base"):
         asyncio.run(pool.load(AdapterSource("other", folder=str(other)), other))
     assert not pool.loaded
@@ -336,12 +341,7 @@ def test_an_adapter_bound_to_fail_is_refused_before_the_multiplexed_loader(
     from tether.serving.adapters import adapter_for_request
     from tether.serving.contract import RequestError
 
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "adapter_config.json").write_text((adapters[0] / "adapter_config.json").read_text())
-    card = json.loads((adapters[0] / "tether.json").read_text())
-    card["objective"]["theta_star_sha256"] = "0" * 64
-    (other / "tether.json").write_text(json.dumps(card))
+    other = adapter_of_another_base(adapters[0], tmp_path / "other")
     pool = AdapterPool(base_lm(tiny_llama_dir))
     catalog = AdapterCatalog(dirs={"other": str(other), "a": str(adapters[0])})
     asked: list[str] = []
