@@ -293,12 +293,17 @@ def test_a_decoupled_lora_pull_below_fp32_rounding_is_carried_not_lost():
         torch.testing.assert_close(p.a.detach().double(), want_a, rtol=0, atol=float(moved) * 0.05)
 
 
-def test_an_adapter_on_an_embedding_tied_to_the_head_is_refused(tiny_llama_dir):
-    """Merging it would also change the tied LM head: refused, naming the module."""
+def test_an_adapter_on_either_side_of_a_tied_embedding_is_refused(tiny_llama_dir):
+    """Merging it would also change the other side of the shared matrix (the LM head, or the
+    input lookup): refused, naming the module."""
     from tether.adapters import apply_lora
     from tether.tasks.causal_lm import CausalLM
 
-    model = CausalLM().load_model(str(tiny_llama_dir), None, False).model
-    with pytest.raises(ValueError, match="tied to the output head"):
-        apply_lora(model, set(), r=4, alpha=8, target_modules=["embed_tokens", "q_proj"])
-    apply_lora(model, set(), r=4, alpha=8, target_modules=["q_proj"])  # the rest is fine
+    def fresh():
+        return CausalLM().load_model(str(tiny_llama_dir), None, False).model
+
+    with pytest.raises(ValueError, match="'model.embed_tokens' is tied to the output head"):
+        apply_lora(fresh(), set(), r=4, alpha=8, target_modules=["embed_tokens", "q_proj"])
+    with pytest.raises(ValueError, match="'lm_head' is tied to the input embedding"):
+        apply_lora(fresh(), set(), r=4, alpha=8, target_modules=["q_proj", "lm_head"])
+    apply_lora(fresh(), set(), r=4, alpha=8, target_modules=["q_proj"])  # the rest is fine

@@ -78,20 +78,22 @@ def apply_lora(
 
 
 def refuse_tied_embedding_target(model: torch.nn.Module, targets: list[str] | str) -> None:
-    """An input embedding tied to the output head cannot take an adapter: training adapts
-    the lookup only, but merging writes W₀ + s·B·A into the shared matrix, so the merged
-    model's head would change too and its outputs differ from the adapter's."""
+    """Neither side of an input embedding tied to the output head can take an adapter:
+    training adapts one side only, but merging writes W₀ + s·B·A into the shared matrix, so
+    the merged model's other side changes too and its outputs differ from the adapter's."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if embeddings is None or output is None or output.weight is not embeddings.weight:
         return
     names = [targets] if isinstance(targets, str) else targets
     for name, module in model.named_modules():
-        if module is embeddings and any(name == t or name.endswith("." + t) for t in names):
+        tied = module is embeddings or module is output
+        if tied and any(name == t or name.endswith("." + t) for t in names):
             raise ValueError(
-                f"model.adapter.target_modules: {name!r} is tied to the output head; a merged "
-                "adapter would change the head too (one matrix is both the input lookup and the "
-                "output head). Leave it out of target_modules"
+                f"model.adapter.target_modules: {name!r} is tied to the "
+                f"{'output head' if module is embeddings else 'input embedding'}; a merged "
+                "adapter would change both (one matrix is the input lookup and the output "
+                "head). Leave it out of target_modules (modules_to_save trains it in full)"
             )
 
 
