@@ -119,6 +119,31 @@ def test_prompt_completion_and_plain_text_formats(tokenizer, tmp_path):
     assert all(targets) and ids[-1] == tokenizer.eos_token_id
 
 
+def test_plain_text_data_evaluates_without_generating(tiny_llama_dir, tmp_path):
+    """A `text` row is all target: there is no prompt to answer, so no exact match and no
+    samples (generating from an empty prompt crashed the first evaluation); a chat row
+    beside it is still answered."""
+    from tether.run import prepare_run_data
+    from tether.train.loop import score_split
+    from tether.train.strategy import DataParallel
+
+    texts = [{"text": f"The cat number {i} sat on the mat."} for i in range(12)]
+    path = write_jsonl(tmp_path / "texts.jsonl", texts)
+    spec = validate_job(
+        lm_job(tiny_llama_dir, str(path), tmp_path, eval={"samples": 2, "forgetting_probe": "none"})
+    )
+    task, data = prepare_run_data(spec)
+    model = task.load_model(str(tiny_llama_dir), None, False).model.eval()
+    tokenizer = task.load_tokenizer(str(tiny_llama_dir), None, False)
+    strategy = DataParallel(0, 1, torch.device("cpu"))
+
+    def score(split, counts_fn, size):
+        return score_split(model, split, counts_fn, size, data.pad_id, spec, strategy)
+
+    assert "eval/exact_match" not in task.extra_metrics(model, tokenizer, data, score)
+    assert task.samples(model, tokenizer, data.validation, 2) == []
+
+
 def test_long_examples_are_cut_and_counted_and_targetless_ones_dropped(tokenizer):
     """max_length cuts and counts; an example with no target left is dropped, not a NaN."""
     task = CausalLM(max_length=40)

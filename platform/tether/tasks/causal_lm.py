@@ -258,10 +258,10 @@ class CausalLM:
             nll = float(counts[0] / counts[1])
             out["eval/forgetting"] = nll - float(data.stats["forgetting_base_nll"])
             out["eval/forgetting_nll"] = nll
-        if self.generate_examples:
-            k = min(self.generate_examples, len(data.validation))
-            head = data.validation.subset(np.arange(k))
-            counts = score(head, lambda m, b: self.exact_match_counts(m, b, tokenizer), 2)
+        head = prompted_rows(data.validation, self.generate_examples)
+        if len(head):  # plain-text data has no prompt to answer: no exact match
+            subset = data.validation.subset(head)
+            counts = score(subset, lambda m, b: self.exact_match_counts(m, b, tokenizer), 2)
             out["eval/exact_match"] = float(counts[0] / max(float(counts[1]), 1.0))
         return out
 
@@ -274,10 +274,11 @@ class CausalLM:
 
     def samples(self, model, tokenizer, split: Encoded, n: int) -> list[dict[str, str]]:
         """A few generated answers beside their references, for a person to read."""
-        n = min(n, self.samples_to_log, len(split))
-        if n == 0:
+        rows = prompted_rows(split, min(n, self.samples_to_log))
+        if not len(rows):
             return []
-        batch = split.collate(np.arange(n), tokenizer.pad_token_id)
+        n = len(rows)
+        batch = split.collate(rows, tokenizer.pad_token_id)
         answers = greedy_answers(model, tokenizer, batch, self.max_new_tokens)
         references = reference_texts(tokenizer, batch)
         prompts = [
@@ -441,6 +442,12 @@ def forward_last(model, ids, mask, position_ids, keep: int) -> torch.Tensor:
 def row_tokens(batch, i: int) -> torch.Tensor:
     """Row i's real tokens (batches are left-padded)."""
     return batch["input_ids"][i][batch["attention_mask"][i].bool()]
+
+
+def prompted_rows(split: Encoded, n: int) -> np.ndarray:
+    """The first ``n`` rows whose answer follows a prompt (a chat turn, a prompt/completion
+    pair). A plain-text row is all target: there is no prompt to generate from."""
+    return np.flatnonzero(np.asarray(split.fields["gen_start"]) > 0)[: max(0, n)]
 
 
 def left_padded_prompts(batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
