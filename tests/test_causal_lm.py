@@ -4,6 +4,7 @@ and the packaged SmolLM2 end to end (slow)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,57 @@ def test_plain_text_data_evaluates_without_generating(tiny_llama_dir, tmp_path):
 
     assert "eval/exact_match" not in task.extra_metrics(model, tokenizer, data, score)
     assert task.samples(model, tokenizer, data.validation, 2) == []
+
+
+def test_the_forgetting_probe_does_not_depend_on_the_training_max_length(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    """The probe is encoded at its own length: at a training max_length of 48 the probe's
+    chats would be cut to no answer at all (θ*'s NLL 0/0, forgetting NaN at every step)."""
+    from tether.run import prepare_run_data
+
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
+    data_section = {"max_length": 48, "max_train_samples": 16, "max_validation_samples": 8}
+    spec = validate_job(
+        lm_job(
+            tiny_llama_dir,
+            "synthetic:chat",
+            tmp_path,
+            data=data_section,
+            eval={"generate_examples": 0},
+        )
+    )
+    _, data = prepare_run_data(spec)
+    assert data.stats["forgetting_prompts"] >= 50
+    assert len(data.extras["forgetting"]) == data.stats["forgetting_prompts"]
+    assert math.isfinite(data.stats["forgetting_base_nll"])
+
+
+def test_offline_answers_stop_where_serving_stops(tiny_llama_dir, tmp_path):
+    """Greedy answers (exact match, samples) stop at the model's configured end tokens as
+    well as the tokenizer's EOS, as the served engine does."""
+    from tether.run import prepare_run_data
+    from tether.tasks.causal_lm import greedy_answers
+
+    spec = validate_job(
+        lm_job(
+            tiny_llama_dir,
+            "synthetic:chat",
+            tmp_path,
+            data={"max_train_samples": 16, "max_validation_samples": 4},
+            eval={"generate_examples": 0, "forgetting_probe": "none"},
+        )
+    )
+    task, data = prepare_run_data(spec)
+    model = task.load_model(str(tiny_llama_dir), None, False).model.eval()
+    tokenizer = task.load_tokenizer(str(tiny_llama_dir), None, False)
+    batch = data.validation.collate(np.arange(1), tokenizer.pad_token_id)
+    free = greedy_answers(model, tokenizer, batch, 12)[0]
+    words = tokenizer(free, add_special_tokens=False)["input_ids"]
+    assert len(words) > 4, "the test needs a long free answer"
+    model.generation_config.eos_token_id = words[3]  # an end-of-turn token of the model's own
+    stopped = greedy_answers(model, tokenizer, batch, 12)[0]
+    assert len(stopped) < len(free) and free.startswith(stopped)
 
 
 def test_long_examples_are_cut_and_counted_and_targetless_ones_dropped(tokenizer):

@@ -244,7 +244,7 @@ class CausalLM:
             for p, a in zip(prompts, answers, strict=True)
             if a.strip()
         ]
-        probe, _ = dataclasses.replace(self, packing=False).encode(rows, tokenizer, "probe")
+        probe, _ = probe_task(self).encode(rows, tokenizer, "probe")
         return {"forgetting": probe}, {
             "forgetting_base_nll": base_nll,
             "forgetting_prompts": len(rows),
@@ -472,9 +472,19 @@ def greedy_answers(model, tokenizer, batch, max_new_tokens: int) -> list[str]:
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer, model),
     )
     return [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """Where generation stops: the tokenizer's EOS and the model's configured end tokens
+    (an end-of-turn token that is not the tokenizer's EOS), as serving stops. Passing the
+    tokenizer's alone would override the model's own and run into a new turn."""
+    eos = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(configured if isinstance(configured, list) else [configured])
+    return sorted(int(e) for e in eos if e is not None)
 
 
 def reference_texts(tokenizer, batch) -> list[str]:
@@ -502,6 +512,17 @@ def probe_prompts(setting: str) -> list[str]:
     return read_probe_prompts(setting)
 
 
+PROBE_MAX_LENGTH = 1024  # a probe prompt, its chat template and an answer of ≤ 64 tokens
+
+
+def probe_task(task: CausalLM) -> CausalLM:
+    """How the probe is encoded: one chat a row, at its own length. At the training
+    max_length (32, say) every probe answer could be cut off, leaving nothing to score."""
+    return dataclasses.replace(
+        task, packing=False, max_length=max(task.max_length, PROBE_MAX_LENGTH)
+    )
+
+
 def theta_star_answers(task: CausalLM, source, revision, trust_remote_code, tokenizer, prompts):
     """θ*'s greedy answers to the probe prompts and its mean NLL on them (cached on disk)."""
     from tether.data.prepare import cache_dir, tokenizer_identity
@@ -515,7 +536,7 @@ def theta_star_answers(task: CausalLM, source, revision, trust_remote_code, toke
         "tokenizer": tokenizer_identity(tokenizer),
         "prompts": prompts,
         "max_new_tokens": task.probe_max_new_tokens,
-        "max_length": task.max_length,
+        "max_length": probe_task(task).max_length,
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir().parent / "probe" / f"{key}.json"
@@ -539,7 +560,7 @@ def theta_star_answers(task: CausalLM, source, revision, trust_remote_code, toke
                 max_new_tokens=task.probe_max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_token_ids(tokenizer, model),
             )
         answers += [
             tokenizer.decode(r[enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -552,7 +573,9 @@ def theta_star_answers(task: CausalLM, source, revision, trust_remote_code, toke
     ]
     if not rows:
         return answers, None
-    probe, _ = dataclasses.replace(task, packing=False).encode(rows, tokenizer, "probe")
+    probe, _ = probe_task(task).encode(rows, tokenizer, "probe")
+    if not len(probe):
+        return answers, None
     counts = torch.zeros(3, dtype=torch.float64)
     pad = tokenizer.pad_token_id
     for start in range(0, len(probe), 16):

@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel
 
 from tether.errors import ModelSourceError
+from tether.tasks.causal_lm import stop_token_ids
 from tether.tasks.predict import quantize_linear_int8
 
 
@@ -39,11 +40,7 @@ class GenerativeModel:
             getattr(config, "max_position_embeddings", 0) or card.get("max_length") or 2048
         )
         self.default_max_tokens = int((card.get("generation") or {}).get("max_new_tokens", 256))
-        eos = {self.tokenizer.eos_token_id}
-        generation = getattr(self.model, "generation_config", None)
-        configured = getattr(generation, "eos_token_id", None)
-        eos |= set(configured if isinstance(configured, list) else [configured])
-        self.eos_ids = {int(e) for e in eos if e is not None}
+        self.eos_ids = set(stop_token_ids(self.tokenizer, self.model))
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
