@@ -39,6 +39,7 @@ def public(row: dict[str, Any] | None) -> dict[str, Any] | None:
         "trial_id",
         "arm",
         "config",
+        "searched",  # the trial's own sampled values: its spec is rebuilt from them
         "metric",
         "last_metric",
         "best_step",
