@@ -203,6 +203,58 @@ def test_served_entity_offsets_slice_the_original_text_with_accents_and_cjk():
     assert words.text == "Anna in Paris" and words.spans[2] == (8, 13)
 
 
+def test_served_words_keep_their_combining_marks():
+    """Raw text is split at spaces and punctuation, never at a combining mark: NFD accents and
+    Devanagari vowel signs stay in their word, and entity offsets still slice the text."""
+    from tether.tasks.token_serving import EntityPredictor, sentence_from_text
+
+    hindi, bhasha = "हिन्दी", "भाषा"  # 6 and 4 code points, 3 and 2 of them marks
+    text = f"Jose\u0301 Garci\u0301a ({hindi} {bhasha})"  # NFD: e + combining acute
+    sentence = sentence_from_text(text)
+    assert sentence.words == ["Jose\u0301", "Garci\u0301a", "(", hindi, bhasha, ")"]
+    assert [text[a:b] for a, b in sentence.spans] == sentence.words
+    labels = ["O", "B-PER", "I-PER", "B-MISC", "I-MISC"]
+    predictor = EntityPredictor.__new__(EntityPredictor)
+    predictor.labels = labels
+    tags = ["B-PER", "I-PER", "O", "B-MISC", "I-MISC", "O"]
+    probs = torch.nn.functional.one_hot(torch.tensor([labels.index(t) for t in tags]), 5)
+    found = predictor._entities(sentence, list(range(6)), probs.float(), False).entities
+    assert [(e.type, e.text) for e in found] == [
+        ("PER", "Jose\u0301 Garci\u0301a"),
+        ("MISC", f"{hindi} {bhasha}"),
+    ]
+    assert all(text[e.start : e.end] == e.text for e in found)
+
+
+def test_a_word_without_a_token_is_predicted_outside_when_no_label_is_O():
+    """With no "O" label, a word with no token is still scored as seqeval's "O" (no entity),
+    not as label 0 (here B-PER, which would invent an entity)."""
+    from seqeval.metrics import f1_score, precision_score
+
+    labels = ["B-PER", "I-PER"]
+    task = TokenClassification().with_labels(labels)
+    gold = [["B-PER", "I-PER"], ["B-PER"]]  # the 2nd word of sentence 1 has no token
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            logits = torch.full((2, 2, len(labels)), -9.0)
+            logits[:, 0, 0] = 9.0  # B-PER at each first word
+            return type("Out", (), {"logits": logits})()
+
+    batch = {
+        "input_ids": torch.zeros(2, 2, dtype=torch.long),
+        "attention_mask": torch.ones(2, 2, dtype=torch.long),
+        "labels": torch.tensor([[0, -100], [0, -100]]),
+        "word_starts": torch.tensor([[0, -1], [0, -1]]),
+        "word_tags": torch.tensor([[0, 1], [0, -100]]),
+    }
+    metrics = task.eval_metrics(task.eval_counts(Fixed(), batch))
+    pred = [["B-PER", "O"], ["B-PER"]]
+    assert metrics["eval/entity_precision"] == pytest.approx(precision_score(gold, pred))
+    assert metrics["eval/entity_f1"] == pytest.approx(f1_score(gold, pred))  # 0.5
+    assert metrics["eval/token_accuracy"] == pytest.approx(2 / 3)
+
+
 @pytest.mark.slow
 def test_tiny_bert_learns_the_synthetic_entity_task(tiny_model_dir, tmp_path):
     """Entity F1 rises from ~0 to well above it in a short in-process run."""

@@ -432,3 +432,98 @@ def test_left_padding_tokenizers_answer_the_same_alone_or_batched(tiny_model_dir
         predictor.tokenizer, *zip(*[(i.question, i.context) for i in many]), 48, 12, 16
     )
     assert predictor.count_windows(many) == len(windows.input_ids)  # counted as split
+
+
+@pytest.mark.parametrize("answer", ["Paris ", " Paris", " Paris "])
+def test_a_gold_answer_with_spaces_targets_only_its_own_tokens(tokenizer, answer):
+    """Spaces around a gold answer hold no token: its targets are the tokens of "Paris",
+    never the neighbouring "is", directly and through the task's encoding."""
+    context = "The capital is Paris is lovely"
+    begin = context.index(answer)
+    windows = encode_windows(tokenizer, ["Where?"], [context], 64, 16, 16)
+    s, e = target_tokens(
+        windows.char_start[0], windows.char_end[0], ((begin, begin + len(answer)),)
+    )
+    assert tokenizer.convert_ids_to_tokens(windows.input_ids[0][s : e + 1]) == ["paris"]
+    row = {"id": "q", "question": "Where?", "context": context}
+    row["answers"] = {"text": [answer], "answer_start": [begin]}
+    task = QuestionAnswering(max_length=64, doc_stride=16, max_question_length=16)
+    encoded, _ = task.encode([row], tokenizer, "train")
+    s, e = encoded.fields["start_positions"][0], encoded.fields["end_positions"][0]
+    assert tokenizer.convert_ids_to_tokens(encoded.input_ids.row(0)[s : e + 1]) == ["paris"]
+
+
+def test_no_answer_accuracy_is_exact_match_on_the_unanswerable_questions(tokenizer):
+    """An unanswerable question answered "the" (which normalises to "") is exact-matched, and
+    so counts as answered right in eval/no_answer_accuracy, as in SQuAD v2.0's NoAns_exact."""
+    import torch
+
+    from tether.tasks.question_answering import NO_CHAR
+
+    context = "Tarsk is the capital."
+    row = {
+        "id": "q",
+        "question": "Who?",
+        "context": context,
+        "answers": {"text": [], "answer_start": []},
+    }
+    task = QuestionAnswering(
+        max_length=64, doc_stride=16, max_question_length=16, unanswerable=True
+    )
+    encoded, _ = task.encode([row], tokenizer, "validation")
+    batch = encoded.collate([0], tokenizer.pad_token_id)
+    char_start = encoded.fields["char_start"].row(0).tolist()
+    the = char_start.index(context.index("the"))  # the token of "the"
+    assert char_start[the] != NO_CHAR
+
+    class PointsAtThe(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            logits = torch.zeros(input_ids.shape)
+            logits[:, the] = 9.0
+            return type("Out", (), {"start_logits": logits, "end_logits": logits})()
+
+    metrics = task.eval_metrics(task.eval_counts(PointsAtThe(), batch))
+    assert metrics["eval/exact_match"] == 1.0
+    assert metrics["eval/no_answer_accuracy"] == 1.0
+
+
+def test_contexts_whose_characters_are_several_tokens_are_refused_by_their_window_count(
+    tokenizer,
+):
+    """Hangul is 2-3 WordPiece tokens a character: a request is refused (naming its windows)
+    by the windows its tokens need, not by a bound from its characters."""
+    from tether.tasks.predict import RequestTooLarge
+    from tether.tasks.qa_serving import AnswerPredictor, QAItem
+
+    task = QuestionAnswering(max_length=48, doc_stride=12, max_question_length=16)
+    predictor = AnswerPredictor.__new__(AnswerPredictor)  # counting needs no model
+    predictor.task, predictor.tokenizer, predictor.max_length = task, tokenizer, 48
+    korean = "한국어 문장입니다 " * 400  # 4,000 characters, 8,400 tokens
+    item = QAItem("어디?", korean)
+    windows = encode_windows(tokenizer, [item.question], [item.context], 48, 12, 16)
+    assert predictor.count_windows([item]) == len(windows.input_ids) == 300
+    request = task.request_model(64, 20000)
+    one = request.model_validate({"question": item.question, "context": korean})
+    with pytest.raises(RequestTooLarge, match=r"the context needs 300 windows of 48 tokens"):
+        predictor.items(one)
+    many = request.model_validate({"items": [{"question": "어디?", "context": korean}] * 8})
+    with pytest.raises(RequestTooLarge, match=r"the first 1 of the 8 contexts already need 300"):
+        predictor.items(many)
+
+
+def test_a_window_that_starts_at_an_answer_holds_it_despite_a_leading_space(tokenizer):
+    """An answer " her" whose word is a window's first context token is that window's target:
+    the space before it, outside the window, is no part of the answer."""
+    windows = encode_windows(tokenizer, ["Who?"], [CONTEXT], 32, 8, 8)
+    w = next(
+        w
+        for w in range(1, len(windows.input_ids))
+        if CONTEXT[min(c for c in windows.char_start[w] if c >= 0) - 1] == " "
+    )
+    first = windows.char_start[w].index(min(c for c in windows.char_start[w] if c >= 0))
+    begin, finish = windows.char_start[w][first] - 1, windows.char_end[w][first]
+    row = {"id": "q", "question": "Who?", "context": CONTEXT}
+    row["answers"] = {"text": [CONTEXT[begin:finish]], "answer_start": [begin]}
+    task = QuestionAnswering(max_length=32, doc_stride=8, max_question_length=8)
+    encoded, _ = task.encode([row], tokenizer, "train")
+    assert encoded.fields["start_positions"][w] == encoded.fields["end_positions"][w] == first

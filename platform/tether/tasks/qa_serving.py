@@ -9,6 +9,7 @@ with unanswerable questions may answer nothing (``answer: ""``, ``start``/``end`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,42 +96,50 @@ class AnswerPredictor:
         body = request.root
         questions = body.items if hasattr(body, "items") else [body]
         items = [QAItem(q.question, q.context) for q in questions]
-        if self.most_windows(items) <= MAX_WINDOWS_PER_REQUEST:
-            return items  # surely within the limit: no need to tokenize here
-        windows = self.count_windows(items)
-        if windows > MAX_WINDOWS_PER_REQUEST:
-            raise RequestTooLarge(
-                f"context: the contexts need {windows} windows of {self.max_length} tokens; "
-                f"one request may need at most {MAX_WINDOWS_PER_REQUEST} (send fewer or "
-                "shorter contexts per request)",
-                "context",
-            )
+        # Counted from tokens, never bounded from characters: a character may be several
+        # tokens (BERT splits a Hangul syllable into 2-3 jamo tokens, byte-level BPE an emoji
+        # into up to 4), so no characters-per-token bound holds for every tokenizer.
+        # Counting stops once over the limit: a refused request costs at most the
+        # tokenization of a request that would have been served.
+        counted, windows = 0, 0
+        for windows_here in self.windows_per_item(items):
+            counted, windows = counted + 1, windows + windows_here
+            if windows > MAX_WINDOWS_PER_REQUEST:
+                if counted < len(items):
+                    which = f"the first {counted} of the {len(items)} contexts already need"
+                else:
+                    which = "the context needs" if counted == 1 else f"the {counted} contexts need"
+                raise RequestTooLarge(
+                    f"context: {which} {windows} windows of {self.max_length} tokens; one "
+                    f"request may need at most {MAX_WINDOWS_PER_REQUEST} (send fewer or "
+                    "shorter contexts per request)",
+                    "context",
+                )
         return items
 
-    def most_windows(self, items: list[QAItem]) -> int:
-        """An upper bound on the windows, from characters alone: a token is at least one
-        character, and each window after an item's first reads at least this many new ones."""
+    def count_windows(self, items: list[QAItem]) -> int:
+        """Windows the items' contexts take, as ``encode_windows`` splits them."""
+        return sum(self.windows_per_item(items))
+
+    def windows_per_item(self, items: list[QAItem], chunk: int = 8) -> Iterator[int]:
+        """Each item's windows, as ``encode_windows`` splits them (from the question's and the
+        context's token counts, without tokenizing the pairs), ``chunk`` items per tokenizer
+        call so that a caller can stop early."""
         task = self.task
         specials = self.tokenizer.num_special_tokens_to_add(pair=True)
-        fresh = self.max_length - specials - task.max_question_length - task.doc_stride
-        return sum(1 + -(-len(i.context) // max(1, fresh)) for i in items)
-
-    def count_windows(self, items: list[QAItem]) -> int:
-        """Windows the items' contexts take, as ``encode_windows`` splits them (without
-        tokenizing the pairs)."""
-        task = self.task
-        cut = cut_questions(self.tokenizer, [i.question for i in items], task.max_question_length)
         # counted, not fed to the model: no "longer than the maximum" warning
         tokens = dict(add_special_tokens=False, verbose=False)
-        asked = self.tokenizer([q for q, _ in cut], **tokens)["input_ids"]
-        read = self.tokenizer([i.context for i in items], **tokens)["input_ids"]
-        specials = self.tokenizer.num_special_tokens_to_add(pair=True)
-        total = 0
-        for question, context in zip(asked, read, strict=True):
-            room = self.max_length - specials - len(question)  # context tokens per window
-            beyond = max(0, len(context) - room)
-            total += 1 + -(-beyond // (room - task.doc_stride))  # ceil division
-        return total
+        for at in range(0, len(items), chunk):
+            part = items[at : at + chunk]
+            cut = cut_questions(
+                self.tokenizer, [i.question for i in part], task.max_question_length
+            )
+            asked = self.tokenizer([q for q, _ in cut], **tokens)["input_ids"]
+            read = self.tokenizer([i.context for i in part], **tokens)["input_ids"]
+            for question, context in zip(asked, read, strict=True):
+                room = self.max_length - specials - len(question)  # context tokens per window
+                beyond = max(0, len(context) - room)
+                yield 1 + -(-beyond // (room - task.doc_stride))  # ceil division
 
     def item_length(self, item: QAItem) -> int:
         return len(item.question) + len(item.context)

@@ -7,9 +7,10 @@ else the example's id is named (or, with ``data.skip_bad``, it is counted and dr
 
 Encoding: the question (cut to ``max_question_length`` tokens) and the context as a pair; a
 context longer than one window is split into overlapping windows (``doc_stride`` tokens
-shared), each window a row. A window's target is the first gold answer's first and last
-token when the window holds all of it, else the CLS token (position 0), as for unanswerable
-questions. Loss unit: the window (mean of the start and end cross-entropies).
+shared), each window a row. A window's target is the first and last token that the first
+gold answer (spaces around it stripped) overlaps, when the window holds all of it, else the
+CLS token (position 0), as for unanswerable questions. Loss unit: the window (mean of the
+start and end cross-entropies).
 
 Evaluation: the windows of one example are always scored together, on one rank and in one
 batch (``Encoded.group_field``), so the best span over all of them is found where the example
@@ -211,7 +212,8 @@ class QuestionAnswering(ValidationOnly):
         )
         starts, ends = [], []
         for w, example in enumerate(windows.example):
-            first = examples[example].answers[:1]  # training targets the first gold answer
+            ex = examples[example]  # training targets the first gold answer, spaces stripped
+            first = tuple(content_span(ex.context, *span) for span in ex.answers[:1])
             s, e = target_tokens(windows.char_start[w], windows.char_end[w], first)
             starts.append(s)
             ends.append(e)
@@ -285,7 +287,9 @@ class QuestionAnswering(ValidationOnly):
             if gold:
                 counts[3:6] += (em, f1, 1)
             else:
-                counts[6:8] += (float(prediction == ""), 1)
+                # exact match against the empty gold, as SQuAD v2.0's NoAns_exact: "the"
+                # normalises to "" and is right, as exact match already counts it
+                counts[6:8] += (em, 1)
         counts[8:10] = (float(window_loss(start, end, batch)), len(start))
         return torch.tensor(counts, dtype=torch.float64)
 
@@ -448,9 +452,20 @@ def target_tokens(
     tokens = [t for t, c in enumerate(char_start) if c != NO_CHAR]
     if not tokens or begin < char_start[tokens[0]] or finish > char_end[tokens[-1]]:
         return NULL_POSITION, NULL_POSITION
-    first = max(t for t in tokens if char_start[t] <= begin)
-    last = min(t for t in tokens if char_end[t] >= finish)
-    return first, last
+    # the tokens the span overlaps: a gold answer "Paris " ends in a space no token holds, and
+    # the first token ending at or after it would be the next word's
+    inside = [t for t in tokens if char_end[t] > begin and char_start[t] < finish]
+    if not inside:  # only characters no token holds (spaces): nothing to point at
+        return NULL_POSITION, NULL_POSITION
+    return inside[0], inside[-1]
+
+
+def content_span(context: str, begin: int, finish: int) -> tuple[int, int]:
+    """``context[begin:finish]`` without its leading and trailing whitespace, as offsets (a
+    window that starts at "Paris" holds all of the answer " Paris")."""
+    text = context[begin:finish]
+    lead = len(text) - len(text.lstrip())
+    return begin + lead, max(begin + lead, finish - (len(text) - len(text.rstrip())))
 
 
 def gold_fields(examples: list[QAExample], window_example: list[int]) -> dict[str, Any]:

@@ -5,11 +5,11 @@ sub-token carries its tag, the other sub-tokens -100 (ignored), as in the refere
 transformers examples. Loss unit: the labelled (first) sub-token.
 
 Evaluation: the tag predicted at each word's first sub-token is that word's tag; words cut by
-truncation count as predicted "O", so the scores are those of the whole sentence. Counts per
-entity type (true positives, predicted, gold), correct and total words, the summed loss and
-the labelled tokens are additive: exact under data parallelism. Metrics: entity-level micro
-precision/recall/F1 (exact span and type), F1 per type, word accuracy; primary
-``eval/entity_f1``.
+truncation (or with no token at all) count as predicted "O", even where "O" is not a label,
+so the scores are those of the whole sentence. Counts per entity type (true positives,
+predicted, gold), correct and total words, the summed loss and the labelled tokens are
+additive: exact under data parallelism. Metrics: entity-level micro precision/recall/F1
+(exact span and type), F1 per type, word accuracy; primary ``eval/entity_f1``.
 """
 
 from __future__ import annotations
@@ -207,14 +207,19 @@ class TokenClassification(ValidationOnly):
         gold = batch["word_tags"].cpu().numpy()
         types = self.types
         counts = np.zeros(3 * len(types) + 2)
-        outside = self.labels.index("O") if "O" in self.labels else 0
+        # A word with no token (cut, or dropped by the tokenizer) is predicted "O", seqeval's
+        # outside tag: it ends any open chunk and starts none. Without an "O" label it gets
+        # -1, which still reads as "O" for the entity counts (never label 0, which may be a
+        # B- tag and would invent an entity) and matches no gold id for word accuracy.
+        outside = self.labels.index("O") if "O" in self.labels else -1
+        names = [*self.labels, "O"]  # names[-1] == "O": the tag of the -1 above
         for row in range(len(predicted)):
             n = int((gold[row] != IGNORE_INDEX).sum())  # this sentence's words
             ws = starts[row][:n]
             pred_ids = np.where(ws >= 0, predicted[row][np.maximum(ws, 0)], outside)
             gold_ids = gold[row][:n]
             counts[:-2] += count_entities(
-                [self.labels[g] for g in gold_ids], [self.labels[p] for p in pred_ids], types
+                [names[g] for g in gold_ids], [names[p] for p in pred_ids], types
             )
             counts[-2] += float((pred_ids == gold_ids).sum())
             counts[-1] += float(n)

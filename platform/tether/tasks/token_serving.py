@@ -1,19 +1,19 @@
 """Serving a token classifier: the entities in each text, with character offsets.
 
-Raw text is split into words here (runs of letters/digits, and each other non-space
-character on its own, as CoNLL tokenizes), the model tags each word at its first sub-token,
-and the tags become entity spans by the conlleval rules used in evaluation. Offsets index the
-original string: ``text[start:end]`` is the entity's surface text. Pre-tokenized input
-(``{"tokens": [[...], ...]}``) gets offsets into the words joined by single spaces, plus the
-word positions.
+Raw text is split into words here (runs of letters, combining marks and digits, and each
+other non-space character on its own, as CoNLL tokenizes), the model tags each word at its
+first sub-token, and the tags become entity spans by the conlleval rules used in evaluation.
+Offsets index the original string: ``text[start:end]`` is the entity's surface text.
+Pre-tokenized input (``{"tokens": [[...], ...]}``) gets offsets into the words joined by
+single spaces, plus the word positions.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import regex
 import torch
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
@@ -26,7 +26,11 @@ from tether.tasks.predict import (
     served_max_length,
 )
 
-WORD = re.compile(r"\w+|[^\w\s]")
+# Combining marks (\p{M}) belong to the word they modify: ``re``'s \w excludes them, which
+# cut NFD "Jose\u0301" into "Jose" + "\u0301" and Devanagari into one word per letter.
+# ZWJ/ZWNJ (Join_Control) stay inside words too: ZWNJ joins the parts of one Persian word.
+WORD_CHAR = r"\p{L}\p{M}\p{N}_\p{Join_Control}"
+WORD = regex.compile(rf"[{WORD_CHAR}]+|[^{WORD_CHAR}\s]")
 
 
 class Entity(BaseModel):
