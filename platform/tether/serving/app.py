@@ -23,6 +23,7 @@ Deploy it with ``tether serve`` or ``serve deploy serve/config.yaml`` (import pa
 """
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -35,7 +36,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -109,6 +110,24 @@ class AppArgs(BaseModel):
     max_adapters: int = Field(
         8, ge=1, description="LoRA adapters held per replica (least recently used unloaded)"
     )
+    text_pair: bool = Field(
+        False,
+        description="sequence-classification: the model reads text pairs (its card says so); "
+        'requests send {"text", "text_pair"}',
+    )
+
+    @model_validator(mode="after")
+    def _pairs_are_classification(self) -> "AppArgs":
+        if self.text_pair and self.task != "sequence-classification":
+            raise ValueError(
+                f"text_pair: only a sequence-classification app reads pairs, not {self.task}"
+            )
+        return self
+
+    def served_task(self):
+        """The task the app's schemas come from (a pair classifier reads text and text_pair)."""
+        task = task_class(self.task)()
+        return dataclasses.replace(task, pair_column="text_pair") if self.text_pair else task
 
     def limits(self) -> RequestLimits:
         return RequestLimits(
@@ -281,7 +300,7 @@ class Health(BaseModel):
 
 def build_api(args: AppArgs) -> tuple[FastAPI, type[BaseModel]]:
     """The FastAPI app for ``args.task``: its request schema published as enforced."""
-    task = task_class(args.task)()
+    task = args.served_task()
     limits = args.limits()
     request_model = task.request_model(limits.max_items, limits.max_chars)
     api = FastAPI(
@@ -300,6 +319,7 @@ class Replica:
         self.limits = args.limits()
         self.request_model = request_model
         self.task = args.task
+        self.text_pair = args.text_pair
         self.max_batch_tokens = args.max_batch_tokens
         key_sha256 = args.api_key_sha256 or _env_key_sha256()
         self.api_key_sha256 = key_sha256.lower() if key_sha256 else None
@@ -338,7 +358,7 @@ class Replica:
         logger.info(f"tether: serving {model.info.name} from {model.info.model_dir}")
 
     def _load(self, source: ModelSource) -> ServedModel:
-        return load_source(source, self.task, self.max_batch_tokens)
+        return load_source(source, self.task, self.max_batch_tokens, self.text_pair)
 
     def _load_base(self, source: ModelSource) -> HeadAdapterPool:
         """A base for adapters; injections run on the inference thread, between batches."""
@@ -408,9 +428,13 @@ class Replica:
 
 
 def load_source(
-    source: ModelSource, task: str, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    source: ModelSource,
+    task: str,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    text_pair: bool = False,
 ) -> ServedModel:
-    """Resolve and load a user_config's model; refuse another task or other weights.
+    """Resolve and load a user_config's model; refuse another task, another input shape (a
+    pair classifier on a single-text app, or the reverse) or other weights.
 
     A base serving adapters may be a pretrained folder without a tether card."""
     is_base = source.adapters is not None
@@ -422,6 +446,13 @@ def load_source(
     if found != task:
         raise ValueError(
             f"{model_dir} is a {found} model but this app serves {task}: "
+            "deploy it as a new application"
+        )
+    if not is_base and bool(card.get("text_pair")) != text_pair:
+        shapes = ("text pairs", "single texts")
+        reads, serves = shapes if card.get("text_pair") else shapes[::-1]
+        raise ValueError(
+            f"{model_dir} reads {reads} but this app serves {serves}: "
             "deploy it as a new application"
         )
     if is_base and source.quantize:
@@ -455,8 +486,8 @@ def discard_download(model: ServedModel) -> None:
 def make_deployment(args: AppArgs):
     """The Serve deployment class for ``args`` (its routes carry the task's schemas)."""
     api, request_model = build_api(args)
-    predict_response = response_model(task_class(args.task)().prediction_model())
-    example = task_class(args.task)().request_example()
+    predict_response = response_model(args.served_task().prediction_model())
+    example = args.served_task().request_example()
 
     @serve.deployment(
         name=DEPLOYMENT_NAME,

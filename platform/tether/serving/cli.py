@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options = options_from_args(args)  # bad flags fail before any model is touched
         user_config = resolve_user_config(args)
         task = served_task(user_config)
-        options = dataclasses.replace(options, task=task)
+        options = dataclasses.replace(options, task=task, text_pair=reads_pairs(user_config))
         if args.request_timeout_s is None and generates(task):  # an answer streams for minutes
             options = dataclasses.replace(options, request_timeout_s=300.0)
     except (ValueError, ModelSourceError) as e:
@@ -292,6 +292,24 @@ def served_task(user_config: dict) -> str:
     return card_task(model_dir)
 
 
+def reads_pairs(user_config: dict) -> bool:
+    """Whether the served classifier reads text pairs ({"text", "text_pair"}): its card says
+    so; a base serving adapters follows its adapter folders' cards, which must agree."""
+    from tether.card import read_card
+    from tether.serving.adapters import adapter_folder
+
+    model_dir = Path(user_config["model_dir"])
+    adapters = user_config.get("adapters")
+    if adapters is None:
+        card = read_card(model_dir) if (model_dir / "tether.json").is_file() else {}
+        return bool(card.get("text_pair"))
+    folders = [adapter_folder(Path(f)) for f in (adapters.get("dirs") or {}).values()]
+    found = {bool(read_card(f).get("text_pair")) for f in folders if (f / "tether.json").is_file()}
+    if len(found) > 1:
+        raise ValueError("--adapter: pair and single-text classifiers cannot share one app")
+    return found.pop() if found else False
+
+
 def adapters_task(adapters: dict) -> str:
     """The task the configured adapter folders were trained for (they must agree); a causal LM
     when only registered names are given and the base has no card to say otherwise."""
@@ -372,6 +390,8 @@ def _reload_in_place(config: dict, options, args: argparse.Namespace) -> dict:
             raise ValueError(
                 f"the new model is a {new_task} model; this server serves {options.task}"
             )
+        if reads_pairs(new_user_config) != options.text_pair:
+            raise ValueError("the new model reads another input shape (text pairs or not)")
         new_config = serve_config(options, new_user_config)
         if new_config == config:
             print("tether serve: reload: model unchanged", file=sys.stderr)

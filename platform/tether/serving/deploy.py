@@ -49,6 +49,7 @@ class ServeOptions:
     max_waiting: int = 64  # generation: requests waiting for a batch slot (503 beyond)
     generation_timeout_s: float = 120.0  # generation: decoding time per request
     max_adapters: int = 8  # generation: LoRA adapters held per replica (LRU)
+    text_pair: bool = False  # a sentence-pair classifier (from its card)
     api_key_sha256: str | None = None
     app_name: str = APP_NAME
     route_prefix: str = "/"
@@ -153,6 +154,7 @@ def application_config(options: ServeOptions, user_config: dict[str, Any]) -> di
         "request_timeout_s": options.generation_timeout_s,
         "max_adapters": options.max_adapters,
         "api_key_sha256": options.api_key_sha256,
+        **({"text_pair": True} if options.text_pair else {}),
         **options.extra_args,
     }
     deployment: dict[str, Any] = {

@@ -41,7 +41,12 @@ class SequenceClassification(ValidationOnly):
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> SequenceClassification:
-        return cls(max_length=int(card.get("max_length") or 512), labels=tuple(card["label_names"]))
+        """The served task: a pair model reads rows {"text", "text_pair"}, the request's names."""
+        return cls(
+            pair_column="text_pair" if card.get("text_pair") else None,
+            max_length=int(card.get("max_length") or 512),
+            labels=tuple(card["label_names"]),
+        )
 
     def with_labels(self, labels) -> SequenceClassification:
         return dataclasses.replace(self, labels=tuple(labels))
@@ -114,14 +119,7 @@ class SequenceClassification(ValidationOnly):
         texts = [self.text(r, self.text_column) for r in rows]
         pairs = [self.text(r, self.pair_column) for r in rows] if self.pair_column else None
         labels = np.array([self.label_id(r) for r in rows], dtype=np.int64)
-        enc = tokenizer(
-            texts,
-            pairs,
-            truncation=True,
-            max_length=self.max_length,
-            return_token_type_ids=pairs is not None,
-            return_attention_mask=False,
-        )
+        enc = tokenize(tokenizer, texts, pairs, self.max_length)
         fields: dict[str, Any] = {"labels": labels}
         if pairs is not None:
             fields["token_type_ids"] = Ragged.from_rows(enc["token_type_ids"], np.int8)
@@ -175,14 +173,25 @@ class SequenceClassification(ValidationOnly):
     # ------------------------------------------------------------------- export
 
     def card(self) -> dict[str, Any]:
-        return {"task": self.name, "label_names": list(self.labels), "max_length": self.max_length}
+        return {
+            "task": self.name,
+            "label_names": list(self.labels),
+            "max_length": self.max_length,
+            "text_pair": self.pair_column is not None,  # served as {"text", "text_pair"}
+        }
 
     def request_model(self, max_items: int, max_chars: int):
-        from tether.tasks.classification_serving import text_request_model
+        from tether.tasks.classification_serving import pair_request_model, text_request_model
 
+        if self.pair_column is not None:
+            return pair_request_model(max_items, max_chars)
         return text_request_model(max_items, max_chars)
 
     def request_example(self) -> dict[str, Any]:
+        if self.pair_column is not None:
+            from tether.tasks.classification_serving import PAIR_EXAMPLE
+
+            return {"items": [PAIR_EXAMPLE]}
         return {"texts": ["a gripping, beautifully acted film", "dull"]}
 
     def prediction_model(self):
@@ -211,6 +220,20 @@ def confusion_metrics(confusion: torch.Tensor) -> dict[str, float]:
         "eval/macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "eval/num_examples": float(total),
     }
+
+
+def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int):
+    """Token ids of each text, or of each (text, pair) as ``[CLS] text [SEP] pair [SEP]`` with
+    segment ids, cut to ``max_length`` tokens longest-first: training and serving read a row
+    the same way."""
+    return tokenizer(
+        texts,
+        pairs,
+        truncation=True,
+        max_length=max_length,
+        return_token_type_ids=pairs is not None,
+        return_attention_mask=False,
+    )
 
 
 def count_truncated(enc) -> int:
