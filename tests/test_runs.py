@@ -265,8 +265,8 @@ def test_a_stopped_best_trial_gets_a_model_from_its_best_checkpoint(finished, tm
     """The best trial without an export gets one, holding its best checkpoint's weights."""
     from safetensors.torch import load_file
 
+    from tether.run import prepare_run_data
     from tether.sweep.runner import Sweep, export_best_model
-    from tether.tasks import build_task
 
     job, _, outcome = finished
     spec = validate_job(job | {"tune": {}})
@@ -275,11 +275,12 @@ def test_a_stopped_best_trial_gets_a_model_from_its_best_checkpoint(finished, tm
     trial_dir = sweep_dir / "trials" / "t1"
     trial_dir.mkdir(parents=True)
     checkpoint = run_dir / "checkpoint_000010"
-    task = build_task(spec, outcome.summary["label_names"])
-    sweep = Sweep(spec, "s", sweep_dir, task, None, False)
+    task, data = prepare_run_data(spec)
+    sweep = Sweep(spec, "s", sweep_dir, task, data, False)
     row = {
         "trial_id": "t1",
         "config": {},
+        "searched": {},
         "model_dir": None,
         "best_step": 10,
         "step": 10,
