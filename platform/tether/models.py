@@ -19,6 +19,7 @@ import importlib.util
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +124,10 @@ def converted_gguf(key: str, gguf_path: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # a fresh name of its own: on a cache shared by several machines two converters may have
+    # the same pid, and one would delete the other's half-written folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".tmp"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / ".complete").write_text(str(gguf_path))
