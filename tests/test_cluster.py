@@ -69,6 +69,14 @@ def test_cluster_config_has_the_keys_ray_up_needs():
     setup = " ".join(config["setup_commands"])
     assert "tether" in setup and "pip install" in setup
     assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
+    # jobs inherit the raylet's environment: each `ray start` carries the tracking server's
+    # address, the head's private one (a bare `ray get-head-ip` needs the config file: it
+    # failed on the nodes and left 127.0.0.1, where no server listens)
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        start = next(c for c in commands if " ray start" in c)
+        assert start.startswith("export MLFLOW_TRACKING_URI=http://"), start
+    assert "get-head-ip" not in yaml.safe_dump(config)
+    assert "$RAY_HEAD_IP:5000" in " ".join(config["worker_start_ray_commands"])
 
 
 def test_entrypoint_quotes_overrides():
