@@ -73,7 +73,7 @@ def test_cluster_config_has_the_keys_ray_up_needs():
     # address, the head's private one (a bare `ray get-head-ip` needs the config file: it
     # failed on the nodes and left 127.0.0.1, where no server listens)
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
-        start = next(c for c in commands if " ray start" in c)
+        start = next(c for c in commands if "ray start" in c)
         assert start.startswith("export MLFLOW_TRACKING_URI=http://"), start
     assert "get-head-ip" not in yaml.safe_dump(config)
     assert "$RAY_HEAD_IP:5000" in " ".join(config["worker_start_ray_commands"])
