@@ -150,6 +150,12 @@ def run_demo(sweep, args: argparse.Namespace) -> int:
         _finish(report, summary, args)
         return 0
     model_uri = f"models:/{registry['name']}@champion" if registered else None
+    if registered and not registry.get("promoted"):
+        # the answers below come from the champion, not from the trial described above
+        print(
+            f"  note: this sweep's best (v{registry['version']}) did not beat the champion, "
+            "so the champion is what is served and answers below"
+        )
     step("4/4", f"serving {model_uri or best['model_dir']} on {args.host}:{args.port}")
     return serve_and_ask(sweep, summary, model_uri, report, args)
 
