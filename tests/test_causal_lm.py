@@ -196,6 +196,36 @@ def test_offline_answers_stop_where_serving_stops(tiny_llama_dir, tmp_path):
     assert len(stopped) < len(free) and free.startswith(stopped)
 
 
+def test_batches_are_left_padded_and_score_like_right_padded_ones(tiny_llama_dir, tokenizer):
+    """Rows end together (left padding), so the LM head runs on the last positions only; an
+    example's first token is never a target (nothing precedes it); the summed NLL and its
+    token count equal those of the same rows right-padded."""
+    import dataclasses
+
+    from tether.tasks.causal_lm import token_nll
+
+    task = CausalLM(max_length=64)
+    rows = [{"text": "once upon a time"}, {"text": "a much longer story about a cat and a mat"}]
+    split, _ = task.encode(rows, tokenizer, "validation")
+    batch = split.collate(np.arange(2), tokenizer.pad_token_id)
+    assert bool(batch["attention_mask"][:, -1].all()) and not bool(batch["attention_mask"][0, 0])
+    for i in range(2):
+        first_real = int(batch["attention_mask"][i].argmax())
+        assert int(batch["labels"][i, first_real]) == -100
+    model = CausalLM().load_model(str(tiny_llama_dir), None, False).model.eval()
+    right = dataclasses.replace(split, pad_left=False).collate(np.arange(2), tokenizer.pad_token_id)
+    with torch.no_grad():
+        left_nll, left_n = token_nll(model, batch)
+        right_nll, right_n = token_nll(model, right)
+    assert (
+        float(left_n)
+        == float(right_n)
+        == len(tokenizer(rows[0]["text"])["input_ids"])
+        + len(tokenizer(rows[1]["text"])["input_ids"])
+    )  # every token but each row's first, plus each row's EOS
+    assert float(left_nll) == pytest.approx(float(right_nll), rel=1e-5)
+
+
 def test_long_examples_are_cut_and_counted_and_targetless_ones_dropped(tokenizer):
     """max_length cuts and counts; an example with no target left is dropped, not a NaN."""
     task = CausalLM(max_length=40)

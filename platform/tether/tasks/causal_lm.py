@@ -93,8 +93,9 @@ class CausalLM:
             "max_length",
             "packing",
         )
-        # encoding 2: prompt and completion tokenized apart (caches of 1 are not reused)
-        return {"name": self.name, "encoding": 2} | {k: getattr(self, k) for k in keys}
+        # encoding 3: prompt and completion tokenized apart (2), rows left-padded and an
+        # example's first token no target (3); caches of older encodings are not reused
+        return {"name": self.name, "encoding": 3} | {k: getattr(self, k) for k in keys}
 
     def num_counts(self) -> int:
         return 3
@@ -166,10 +167,14 @@ class CausalLM:
             if len(ids) > self.max_length:
                 ids, targets = ids[: self.max_length], targets[: self.max_length]
                 truncated += 1
+            # what generation is asked to produce (a text row's span starts at 0: no prompt)
+            start, end = last_target_span(targets)
+            # an example's first token follows nothing it could be predicted from (left
+            # padding puts a pad, packing another example, before it): never a target
+            targets = [False, *targets[1:]]
             if not any(targets):
                 dropped += 1  # nothing to learn: it would divide by zero
                 continue
-            start, end = last_target_span(targets)
             ids_rows.append(ids)
             label_rows.append(
                 [t if keep else IGNORE_INDEX for t, keep in zip(ids, targets, strict=True)]
@@ -188,6 +193,7 @@ class CausalLM:
             Ragged.from_rows(ids_rows, np.int32),
             fields,
             ("labels",),
+            pad_left=True,  # rows end together: the LM head runs on the last positions only
             pad_values={"labels": IGNORE_INDEX},  # padding is no target
         )
         return encoded, {
