@@ -65,3 +65,20 @@ def test_published_schema_agrees_with_the_validator(model):
             assert e.status == 422
             server_ok = False
         assert schema_ok == server_ok, body
+
+
+def test_an_invalid_body_of_several_shapes_names_the_field_of_the_shape_it_sent():
+    """The 422's field is where the sent shape is wrong ('items[0].context'), not the first
+    union branch's title ('Question.question')."""
+    from tether.serving.contract import RequestError, validate_body
+    from tether.tasks.question_answering import QuestionAnswering
+
+    model = QuestionAnswering().request_model(8, 1000)
+    for body, field in (
+        ({"items": [{"question": "Where?"}]}, "items[0].context"),
+        ({"question": "Where?"}, "context"),
+        ({"text": "no such shape"}, None),
+    ):
+        with pytest.raises(RequestError) as refused:
+            validate_body(body, model)
+        assert refused.value.status == 422 and refused.value.param == field, body

@@ -306,11 +306,12 @@ def validate_body(payload: Any, model: type[BaseModel]):
     try:
         return model.model_validate(payload)
     except ValidationError as e:
+        problems = meant_problems(e, payload, model)
         raise RequestError(
             422,
             "invalid_input",
             describe_validation_error(e, payload, model),
-            field_path(e.errors()[0]["loc"]) or None,
+            field_path(problems[0]["loc"]) or None if problems else None,
         ) from None
 
 
@@ -336,6 +337,19 @@ def union_branches(model: type[BaseModel]) -> dict[str, set[str]]:
     return branches
 
 
+def meant_problems(error: ValidationError, payload: dict, model: type[BaseModel]):
+    """The problems of the shape the body meant, located within it (a body of several shapes
+    is judged by the one whose keys it sent); None when it sent no single shape's keys."""
+    problems = error.errors()
+    branches = union_branches(model)
+    if not branches:
+        return problems
+    meant = [b for b, required in branches.items() if required & set(payload)]
+    if len(meant) != 1:
+        return None
+    return [{**p, "loc": p["loc"][1:]} for p in problems if p["loc"][:1] == (meant[0],)]
+
+
 def describe_validation_error(
     error: ValidationError, payload: Any, model: type[BaseModel], limit: int = 5
 ) -> str:
@@ -344,17 +358,13 @@ def describe_validation_error(
     A body of several shapes ({"text"} | {"texts"} | ...) is judged by the shape whose key it
     sent; with several such keys, or none, the message says which keys to choose from.
     """
-    problems = error.errors()
-    branches = union_branches(model)
-    if branches:
-        keys = set(payload)
-        meant = [b for b, required in branches.items() if required & keys]
+    problems = meant_problems(error, payload, model)
+    if problems is None:
+        branches = union_branches(model)
         choices = ", ".join(repr(k) for b in branches for k in sorted(branches[b]))
-        if len(meant) != 1:
-            unknown = sorted(keys - set().union(*branches.values()))
-            extra = f" (unknown field(s): {', '.join(map(repr, unknown))})" if unknown else ""
-            return f"send exactly one of {choices}{extra}"
-        problems = [{**p, "loc": p["loc"][1:]} for p in problems if p["loc"][:1] == (meant[0],)]
+        unknown = sorted(set(payload) - set().union(*branches.values()))
+        extra = f" (unknown field(s): {', '.join(map(repr, unknown))})" if unknown else ""
+        return f"send exactly one of {choices}{extra}"
     parts = []
     for problem in problems[:limit]:
         where = field_path(problem["loc"])
