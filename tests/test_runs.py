@@ -312,3 +312,35 @@ def test_a_step_the_fp16_scaler_skips_is_reported_as_skipped():
     scaler.unscale_(optimizer)
     assert scaled_optimizer_step(scaler, optimizer) is True
     assert not torch.equal(p.detach(), torch.ones(3))
+
+
+def test_a_base_another_driver_downloaded_meanwhile_is_kept(tmp_path, monkeypatch):
+    """Two drivers pin the same registered base at once: the second finds the first's copy of
+    the same version in place after its own download and keeps it (a run may be loading it);
+    a stale version (another run id) is replaced."""
+    import tether.registry
+    from tether.run import download_base
+
+    def copy_of(run_id: str, where: Path) -> Path:
+        where.mkdir(parents=True)
+        (where / "tether.json").write_text(json.dumps({"registry": {"run_id": run_id}}))
+        return where
+
+    target = tmp_path / "bases" / "m-v1"
+    ours = copy_of("r1", tmp_path / "download")
+
+    def fetch_while_another_finishes(model_uri, tracking_uri):
+        copy_of("r1", target)
+        (target / "loading").write_text("a run reads this copy")
+        return ours
+
+    monkeypatch.setattr(tether.registry, "fetch_model_dir", fetch_while_another_finishes)
+    monkeypatch.setattr(tether.registry, "discard_download", lambda folder: None)
+    download_base("models:/m/1", "sqlite://", target, "r1")
+    assert (target / "loading").is_file()  # kept, not swapped under its reader
+
+    (target / "tether.json").write_text(json.dumps({"registry": {"run_id": "stale"}}))
+    monkeypatch.setattr(tether.registry, "fetch_model_dir", lambda model_uri, tracking_uri: ours)
+    download_base("models:/m/1", "sqlite://", target, "r1")
+    assert not (target / "loading").exists()
+    assert json.loads((target / "tether.json").read_text())["registry"]["run_id"] == "r1"

@@ -158,19 +158,26 @@ def pin_registered_base(spec: JobSpec) -> None:
         raise ModelSourceError(f"model.name: {name} is not in the registry at {uri} ({e})") from e
     pinned = f"{REGISTRY_PREFIX}{identity['name']}/{identity['version']}"
     target = Path(spec.storage.path) / "bases" / f"{identity['name']}-v{identity['version']}"
-    cached = card_or_empty(target if (target / "tether.json").is_file() else None)
-    if cached.get("registry", {}).get("run_id") != identity["run_id"]:
+    if not holds_version(target, identity["run_id"]):
         # absent, or another store's (or a re-created model's) version of the same name
-        download_base(pinned, uri, target)
+        download_base(pinned, uri, target, identity["run_id"])
     if pinned != name:
         print(f"tether: model.name {name} is {pinned}", flush=True)
     spec.model.name = pinned
     registered_base_dir(pinned, spec.storage.path)  # fails here, naming it, if it is not there
 
 
-def download_base(model_uri: str, tracking_uri: str, target: Path) -> None:
+def holds_version(folder: Path, run_id: str) -> bool:
+    """Whether ``folder`` is a downloaded copy of the registered version made by ``run_id``."""
+    card = card_or_empty(folder if (folder / "tether.json").is_file() else None)
+    return card.get("registry", {}).get("run_id") == run_id
+
+
+def download_base(model_uri: str, tracking_uri: str, target: Path, run_id: str) -> None:
     """The registered model's folder at ``target``, replaced whole: copied into a private
-    folder beside it, then renamed (two drivers pinning the same base never mix copies)."""
+    folder beside it, then renamed (two drivers pinning the same base never mix copies). A
+    copy of the same version that another driver put there meanwhile is kept, not replaced:
+    its runs may be loading it."""
     import tempfile
 
     from tether.registry import discard_download, fetch_model_dir
@@ -180,10 +187,15 @@ def download_base(model_uri: str, tracking_uri: str, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         shutil.copytree(folder, staging / "model")
-        old = staging / "old"
+        if holds_version(target, run_id):
+            return  # another driver finished first: the same weights are there
         if target.exists():
-            target.rename(old)  # on the same filesystem: atomic
-        (staging / "model").rename(target)
+            target.rename(staging / "old")  # a stale version (on the same filesystem: atomic)
+        try:
+            (staging / "model").rename(target)
+        except OSError:  # another driver renamed its copy in between
+            if not holds_version(target, run_id):
+                raise
     finally:
         discard_download(folder)
         shutil.rmtree(staging, ignore_errors=True)
