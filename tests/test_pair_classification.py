@@ -191,19 +191,19 @@ def test_a_predictor_refuses_the_other_input_form_naming_text_pair(pair_model, t
     """Behind a schema that took the other form, the predictor answers a 422 naming
     text_pair, never a silently wrong answer: a pair model given texts, a single-text model
     given pairs."""
-    from tether.tasks.predict import RequestTooLarge  # what the serving core answers as a 422
+    from tether.tasks.predict import ItemsRefused  # what the serving core answers as a 422
 
     _, pair_predictor = served(pair_model)
     single_task = SequenceClassification(labels=LABELS)
     texts = single_task.request_model(4, 100).model_validate({"text": "a premise"})
-    with pytest.raises(RequestTooLarge, match="this model classifies text pairs") as caught:
+    with pytest.raises(ItemsRefused, match="this model classifies text pairs") as caught:
         pair_predictor.items(texts)
     assert caught.value.param == "text_pair"
 
     card = single_task.card()
     single_predictor = single_task.predictor(pair_model, card, 4096)
     pairs = pair_task().request_model(4, 100).model_validate(as_request(ROWS[:2]))
-    with pytest.raises(RequestTooLarge, match="this model classifies single texts") as caught:
+    with pytest.raises(ItemsRefused, match="this model classifies single texts") as caught:
         single_predictor.items(pairs)
     assert caught.value.param == "text_pair"
     assert single_predictor.frame_columns is None

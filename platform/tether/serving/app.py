@@ -75,7 +75,7 @@ from tether.serving.model import (
     resolve_model_dir,
 )
 from tether.tasks import TASKS, task_class
-from tether.tasks.predict import DEFAULT_MAX_BATCH_TOKENS, RequestTooLarge
+from tether.tasks.predict import DEFAULT_MAX_BATCH_TOKENS, ItemsRefused
 
 API_KEY_ENV = "TETHER_API_KEY"
 # Serve's model multiplexing header: it picks the adapter, and Serve routes the request to a
@@ -416,7 +416,7 @@ class Replica:
         validated = validate_body(payload, self.request_model)
         try:
             return self.loaded_model().predictor.items(validated)
-        except RequestTooLarge as e:  # e.g. QA contexts that need too many windows
+        except ItemsRefused as e:  # QA contexts that need too many windows, say
             raise RequestError(422, "invalid_input", str(e), e.param) from None
 
     def predict(self, model: ServedModel, items: list[Any]) -> list[BaseModel]:

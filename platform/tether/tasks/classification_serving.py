@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints
 from tether.tasks.classification import tokenize
 from tether.tasks.predict import (
     DEFAULT_MAX_BATCH_TOKENS,
-    RequestTooLarge,
+    ItemsRefused,
     forward_chunks,
     load_for_inference,
+    one_or_many,
     served_max_length,
 )
 
@@ -86,14 +87,7 @@ def pair_request_model(max_items: int, max_chars: int) -> type[BaseModel]:
             examples=[PAIR_EXAMPLE["text_pair"]],
         )
 
-    class ManyPairs(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True, title="ManyPairs")
-        items: list[TextPair] = Field(min_length=1, max_length=max_items)
-
-    class PairRequest(RootModel[TextPair | ManyPairs]):
-        model_config = ConfigDict(title="PredictRequest")
-
-    return PairRequest
+    return one_or_many(TextPair, "ManyPairs", max_items)
 
 
 @dataclass(frozen=True)
@@ -102,11 +96,9 @@ class TextPairItem:
     text_pair: str
 
 
-class WrongInputForm(RequestTooLarge):
+class WrongInputForm(ItemsRefused):
     """Texts for a pair model, or pairs for a single-text one: a body the app's schema took
-    (it is built from the task before any model loads) that the loaded model cannot read.
-    A ``RequestTooLarge`` only because that is what the serving core answers with a 422
-    naming ``param``."""
+    (it is built from the task before any model loads) that the loaded model cannot read."""
 
 
 def text_items(request: BaseModel) -> list[str]:

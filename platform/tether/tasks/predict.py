@@ -78,12 +78,33 @@ def pad_right(tokenizer, features: dict[str, list]) -> dict[str, torch.Tensor]:
     return tokenizer.pad(features, padding_side="right", return_tensors="pt")
 
 
-class RequestTooLarge(ValueError):
-    """A request whose items need more compute than one request may ask for (a 422)."""
+class ItemsRefused(ValueError):
+    """Items the loaded model will not take, though they fit the app's schema (a 422 naming
+    ``param``): too much compute for one request, or a form this model does not read."""
 
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+class RequestTooLarge(ItemsRefused):
+    """A request whose items need more compute than one request may ask for."""
+
+
+def one_or_many(item: type[BaseModel], many_title: str, max_items: int) -> type[BaseModel]:
+    """A /v1/predict body that is one ``item`` or ``{"items": [item, ...]}``: exactly one."""
+    from pydantic import ConfigDict, Field, RootModel, create_model
+
+    many = create_model(
+        many_title,
+        __config__=ConfigDict(extra="forbid", strict=True, title=many_title),
+        items=(list[item], Field(min_length=1, max_length=max_items)),
+    )
+
+    class Request(RootModel[item | many]):  # type: ignore[valid-type]
+        model_config = ConfigDict(title="PredictRequest")
+
+    return Request
 
 
 def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:

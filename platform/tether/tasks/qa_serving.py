@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from tether.tasks.classification_serving import text_type
 from tether.tasks.predict import (
@@ -22,6 +22,7 @@ from tether.tasks.predict import (
     RequestTooLarge,
     forward_chunks,
     load_for_inference,
+    one_or_many,
     served_max_length,
 )
 from tether.tasks.question_answering import cut_questions, encode_windows
@@ -58,14 +59,7 @@ def qa_request_model(max_items: int, max_chars: int) -> type[BaseModel]:
         question: Text = Field(examples=[EXAMPLE["question"]])  # type: ignore[valid-type]
         context: Text = Field(examples=[EXAMPLE["context"]])  # type: ignore[valid-type]
 
-    class ManyQuestions(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True, title="ManyQuestions")
-        items: list[Question] = Field(min_length=1, max_length=max_items)
-
-    class QARequest(RootModel[Question | ManyQuestions]):
-        model_config = ConfigDict(title="PredictRequest")
-
-    return QARequest
+    return one_or_many(Question, "ManyQuestions", max_items)
 
 
 @dataclass(frozen=True)
