@@ -403,3 +403,23 @@ def test_max_length_beyond_the_models_positions_fails_before_encoding(
     job["data"]["max_length"] = 128
     task, _ = prepare_run_data(validate_job(job), use_cache=False)
     assert task.max_length == 128
+
+
+def test_positions_without_an_end_take_any_max_length():
+    """Only a learned table of absolute positions ends: rotary (Llama) and relative (DeBERTa
+    v3) models take a longer data.max_length; BERT's table refuses it."""
+    from transformers import BertConfig, DebertaV2Config, LlamaConfig
+
+    from tether.errors import SpecError
+    from tether.run import check_max_length
+
+    class NoLimit:
+        model_max_length = int(1e30)
+
+    for config in (
+        LlamaConfig(max_position_embeddings=512),
+        DebertaV2Config(max_position_embeddings=512, position_biased_input=False),
+    ):
+        check_max_length(1024, "m", NoLimit(), config)
+    with pytest.raises(SpecError, match="max_position_embeddings is 512"):
+        check_max_length(1024, "m", NoLimit(), BertConfig(max_position_embeddings=512))

@@ -231,15 +231,14 @@ def test_the_published_schema_describes_text_pair():
 # --------------------------------------------------------------------------- adapters
 
 
-def test_a_pair_adapter_in_a_head_adapter_pool_reads_pairs(tiny_model_dir, tmp_path):
-    """A LoRA pair classifier loaded into a pool on its pretrained base answers the pairs as
-    its own peft model scores their training encoding."""
+def pair_adapter(pool, tiny_model_dir: Path, tmp_path: Path):
+    """A LoRA pair classifier (random factors and head) on the pool's pretrained base, loaded
+    into the pool; and its own peft model."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from tether.serving.adapters import AdapterSource, HeadAdapterPool
+    from tether.serving.adapters import AdapterSource
 
-    pool = HeadAdapterPool(TASK, tiny_model_dir, 64)
     torch.manual_seed(6)
     base = AutoModelForSequenceClassification.from_pretrained(
         tiny_model_dir, num_labels=len(LABELS)
@@ -254,8 +253,41 @@ def test_a_pair_adapter_in_a_head_adapter_pool_reads_pairs(tiny_model_dir, tmp_p
     peft_model.save_pretrained(folder)
     card = pair_task().card() | {"objective": {"theta_star_sha256": pool.base_sha256}}
     (folder / "tether.json").write_text(json.dumps(card))
-
     adapter = asyncio.run(pool.load(AdapterSource("nli", folder=str(folder)), folder))
+    return peft_model, adapter
+
+
+def test_the_app_reads_a_request_as_the_adapter_it_names_does(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """On a pretrained base (single texts) serving a pair adapter, the app reads the body with
+    the adapter's predictor: its pairs are taken; the base would refuse them."""
+    import tether.serving.app as app_module
+    from tether.serving.adapters import HeadAdapterPool
+    from tether.serving.contract import RequestError
+
+    monkeypatch.setattr(app_module, "replica_threads", lambda: 1)
+    args = app_module.AppArgs(text_pair=True)
+    request_model = args.served_task().request_model(16, 1000)
+    replica = app_module.Replica(args, request_model)
+    pool = HeadAdapterPool(TASK, tiny_model_dir, 64)
+    _, adapter = pair_adapter(pool, tiny_model_dir, tmp_path)
+    body = request_model.model_validate(as_request(ROWS[:2]))
+    assert len(asyncio.run(replica.items_for(adapter.served, body))) == 2
+    with pytest.raises(RequestError, match="single texts") as refused:
+        asyncio.run(replica.items_for(pool.describe_base(), body))
+    assert refused.value.status == 422 and refused.value.param == "text_pair"
+
+
+def test_a_pair_adapter_in_a_head_adapter_pool_reads_pairs(tiny_model_dir, tmp_path):
+    """A LoRA pair classifier loaded into a pool on its pretrained base answers the pairs as
+    its own peft model scores their training encoding."""
+    from transformers import AutoTokenizer
+
+    from tether.serving.adapters import HeadAdapterPool
+
+    pool = HeadAdapterPool(TASK, tiny_model_dir, 64)
+    peft_model, adapter = pair_adapter(pool, tiny_model_dir, tmp_path)
     body = pair_task().request_model(16, 1000).model_validate(as_request(ROWS))
     predictions = adapter.predictor.predict(adapter.predictor.items(body))
 

@@ -141,6 +141,22 @@ def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tiny_model_dir, easy_csv, 
     assert steps[:2] == [5, 10] and steps[-1] == resumed.summary["step"] > 10
 
 
+def test_a_run_continued_with_an_allowed_change_stays_one_mlflow_run(
+    tiny_model_dir, easy_csv, tmp_path
+):
+    """More epochs on a finished run (--allow-change train.epochs) go on in the same MLflow
+    run: rewriting the run's identity keeps the record of its MLflow run."""
+    db = tmp_path / "mlflow.db"
+    job = local_job(tiny_model_dir, easy_csv, tmp_path, db)
+    first = run_training(validate_job(job))
+    longer = json.loads(json.dumps(job))
+    longer["train"]["epochs"] = 2
+    more = run_training(validate_job(longer), allow_changes=("train.epochs",))
+    assert more.summary["step"] > first.summary["step"]
+    (run,) = mlflow_runs(db)
+    assert more.summary["mlflow_run_id"] == first.summary["mlflow_run_id"] == run.info.run_id
+
+
 def test_a_resumed_decoupled_run_keeps_the_pulls_rounding_carry(tiny_model_dir, easy_csv, tmp_path):
     """A decoupled pull below fp32's rounding step waits in the Kahan carry until it adds up
     to a rounding step: the checkpoint keeps the carry, so a run that dies at step 12 and

@@ -389,9 +389,11 @@ def test_a_diverged_first_version_is_registered_but_never_champion(tmp_path):
     assert str(client.get_model_version_by_alias("nan", CHAMPION).version) == v2
 
 
-@pytest.mark.parametrize("mode,bad", [("max", float("nan")), ("max", float("inf"))])
+@pytest.mark.parametrize(
+    "mode,bad", [("max", float("nan")), ("max", float("inf")), ("min", float("-inf"))]
+)
 def test_a_non_finite_champion_loses_to_any_finite_challenger(tmp_path, mode, bad):
-    """A champion recorded with NaN (or +inf where higher wins) is replaced by the next finite
+    """A champion recorded with NaN (or an infinity in the winning direction) is replaced by the next finite
     version, however low its value; a non-finite challenger does not replace a finite one."""
     from tether.registry import CHAMPION, PROMOTABLE, gate_champion
 

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
+from tether.errors import first_line
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -122,7 +124,7 @@ def cmd_train(args) -> int:
         print("tether: invalid job spec; nothing was started", file=sys.stderr)
         return 2
     except ConnectionError as e:  # a hub or store the checks above did not name
-        reason = f"{type(e).__name__}: {_first_line(e)}"
+        reason = f"{type(e).__name__}: {first_line(e)}"
         print(f"tether: a connection failed while preparing the run ({reason})", file=sys.stderr)
         print("tether: nothing was started", file=sys.stderr)
         return 2
@@ -144,7 +146,7 @@ def cmd_train(args) -> int:
         print(f"tether: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # one line at the end; Ray has already printed the traceback
-        print(f"tether: training failed: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        print(f"tether: training failed: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
         return 1
     summary = outcome.summary
     if args.summary:
@@ -159,11 +161,6 @@ def cmd_train(args) -> int:
     if registry.get("error"):
         print(f"tether: {registry['error']}", file=sys.stderr)
     return 0
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
 
 
 if __name__ == "__main__":

@@ -149,13 +149,16 @@ def run_demo(sweep, args: argparse.Namespace) -> int:
     if args.no_serve:
         _finish(report, summary, args)
         return 0
-    model_uri = f"models:/{registry['name']}@champion" if registered else None
-    if registered and not registry.get("promoted"):
+    has_champion = registered and bool(registry.get("promoted") or registry.get("champion_version"))
+    model_uri = f"models:/{registry['name']}@champion" if has_champion else None
+    if has_champion and not registry.get("promoted"):
         # the answers below come from the champion, not from the trial described above
         print(
             f"  note: this sweep's best (v{registry['version']}) did not beat the champion, "
             "so the champion is what is served and answers below"
         )
+    elif registered and not has_champion:  # a diverged first version is never champion
+        print("  note: there is no champion yet: the sweep's best model is served as it is")
     step("4/4", f"serving {model_uri or best['model_dir']} on {args.host}:{args.port}")
     return serve_and_ask(sweep, summary, model_uri, report, args)
 

@@ -33,3 +33,9 @@ class ModelSourceError(ValueError):
 
 class DeployError(RuntimeError):
     """A Serve application failed to deploy (the message carries Serve's reason)."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line of text: what a one-line error message quotes."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""

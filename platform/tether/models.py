@@ -128,6 +128,7 @@ def converted_gguf(key: str, gguf_path: Path) -> Path:
     # the same pid, and one would delete the other's half-written folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".tmp"))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide it from other users
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / ".complete").write_text(str(gguf_path))
@@ -136,6 +137,12 @@ def converted_gguf(key: str, gguf_path: Path) -> Path:
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False):

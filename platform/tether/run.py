@@ -27,7 +27,7 @@ from tether.card import card_or_empty
 from tether.cluster import caller_signal_handlers, ensure_ray
 from tether.config import JobSpec
 from tether.data import PreparedData, prepare_data
-from tether.errors import DataError, RunIdentityError
+from tether.errors import DataError, RunIdentityError, first_line
 from tether.models import resolve_model_source
 from tether.tasks import Task, build_task
 from tether.train.checkpoint import HF_MODEL_DIR, checkpoints
@@ -96,7 +96,7 @@ def load_tokenizer_and_config(task: Task, spec: JobSpec, source: str) -> tuple[A
             source, revision=m.revision, trust_remote_code=m.trust_remote_code
         )
     except (OSError, ValueError) as e:  # what transformers raises for each of those
-        reason = (str(e).strip().splitlines() or [""])[0]
+        reason = first_line(e)
         raise ModelSourceError(
             f"model.name: cannot load {m.name!r} ({type(e).__name__}: {reason})"
         ) from e
@@ -106,6 +106,17 @@ def load_tokenizer_and_config(task: Task, spec: JobSpec, source: str) -> tuple[A
 NO_LIMIT = 10**12  # tokenizers without a limit report int(1e30)
 
 
+def absolute_positions(config) -> bool:
+    """Whether the model looks positions up in a learned table (BERT, GPT-2), which ends at
+    max_position_embeddings. Rotary (Llama: rope_theta) and relative ones (DeBERTa:
+    position_biased_input false) have no such end."""
+    if getattr(config, "rope_theta", None) is not None or getattr(config, "rope_scaling", None):
+        return False
+    if getattr(config, "position_biased_input", True) is False:
+        return False
+    return str(getattr(config, "position_embedding_type", "absolute")).startswith("absolute")
+
+
 def check_max_length(max_length: int, model_name: str, tokenizer, config) -> None:
     """data.max_length must fit the model's positions. A tokenizer honours an explicit
     max_length above its own limit, so an over-long spec would only fail in the workers'
@@ -113,6 +124,8 @@ def check_max_length(max_length: int, model_name: str, tokenizer, config) -> Non
     from tether.errors import SpecError
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not absolute_positions(text):
+        return  # rotary or relative positions: longer inputs run (however well they do)
     limits = {}
     for key in ("max_position_embeddings", "n_positions"):
         if isinstance(getattr(text, key, None), int):
@@ -331,8 +344,11 @@ def mlflow_run_of(run_dir: Path, tracking_uri: str | None) -> str | None:
 
 
 def _write_record(path: Path, identity: dict[str, Any]) -> None:
+    """The run's identity, rewritten (an accepted --allow-change) without losing the rest of
+    the record (the MLflow run a resumed attempt logs into)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"identity": identity, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record |= {"identity": identity, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path.write_text(json.dumps(record, indent=2, default=str))
 
 

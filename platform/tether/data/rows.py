@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tether.errors import DataError
+from tether.errors import DataError, first_line
 from tether.sources import (
     CONLL_SUFFIXES,
     SYNTHETIC_DATASETS,
@@ -71,7 +71,7 @@ def hub_errors(key: str, ref: str):
     try:
         yield
     except OSError as e:
-        reason = (str(e).strip().splitlines() or [""])[0]
+        reason = first_line(e)
         raise DataError(
             f"{key}: cannot load hub dataset {ref!r} ({type(e).__name__}: {reason}); check the "
             "id and the network, or give a local file (a path: ./file.csv)"

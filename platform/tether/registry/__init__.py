@@ -398,6 +398,7 @@ def register_and_gate(
         "decision": decision.describe(),
         "metric": metric,
         "champion_value": decision.champion_value,
+        "champion_version": decision.champion_version,  # None: there is no champion
         "challenger_value": decision.challenger_value,
     }
     if decision.promoted:

@@ -406,16 +406,22 @@ class Replica:
             )
         return model
 
-    async def read_items(self, request: Request) -> list[Any]:
-        """Auth, content type, size, JSON, schema: the request's items, or a RequestError."""
+    async def read_body(self, request: Request) -> BaseModel:
+        """Auth, content type, size, JSON, schema: the validated body, or a RequestError."""
         authorize(request, self.api_key_sha256)
         check_content_type(request.headers.get("content-type"))
         check_declared_length(request.headers.get("content-length"), self.limits.max_body_bytes)
         body = await read_limited_body(request.stream(), self.limits.max_body_bytes)
         payload = parse_json(body, self.limits.max_json_depth)
-        validated = validate_body(payload, self.request_model)
+        return validate_body(payload, self.request_model)
+
+    async def items_for(self, model: ServedModel, validated: BaseModel) -> list[Any]:
+        """The body's items as ``model`` reads them (an adapter's own predictor: it may read
+        pairs where the base does not). On the inference thread: counting QA windows
+        tokenizes, and a tokenizer must not change its settings under a running forward."""
+        loop = asyncio.get_running_loop()
         try:
-            return self.loaded_model().predictor.items(validated)
+            return await loop.run_in_executor(self.inference, model.predictor.items, validated)
         except ItemsRefused as e:  # QA contexts that need too many windows, say
             raise RequestError(422, "invalid_input", str(e), e.param) from None
 
@@ -568,8 +574,9 @@ def make_deployment(args: AppArgs):
             request_id = _request_id(request)
             adapter = None
             try:
-                items = await self.replica.read_items(request)
+                validated = await self.replica.read_body(request)
                 model, adapter = await self._served()
+                items = await self.replica.items_for(model, validated)
                 results = await asyncio.gather(
                     *(self.predict_batch(BatchItem(i, model)) for i in items)
                 )

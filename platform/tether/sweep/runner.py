@@ -447,8 +447,7 @@ def collect_trials(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, list]]
         done = run_dir / TRIAL_SUMMARY
         finished = json.loads(done.read_text()) if done.is_file() else {}
         searched = {k: v for k, v in trial.config.items() if k != ARM}
-        ran = sweep.trial_spec(searched)  # with κ searched or set, the λ it gave
-        effective = {**searched, LAMBDA: ran.objective.lam, LR: ran.optim.lr}
+        effective = {**searched, **ran_with(sweep, searched)}
         frame = frames.get(trial.trial_id)  # keyed by id in Ray 2.60
         history = []
         if frame is not None and metric in frame and "epoch" in frame and "step" in frame:
@@ -496,6 +495,17 @@ def collect_trials(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, list]]
             }
         )
     return rows, curves
+
+
+def ran_with(sweep: Sweep, searched: dict[str, Any]) -> dict[str, Any]:
+    """The λ (derived from κ when it was searched or set) and lr a trial ran with. A trial of
+    a sweep started under older limits may no longer pass today's check: it is reported with
+    the λ it was given rather than stopping the report."""
+    try:
+        ran = sweep.trial_spec(searched)
+    except SpecError:
+        ran = trial_spec(sweep.spec.to_dict(), searched)
+    return {LAMBDA: ran.objective.lam, LR: ran.optim.lr}
 
 
 def path_if_exists(path: str | None) -> str | None:
