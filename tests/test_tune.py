@@ -359,7 +359,9 @@ def test_a_strength_sweep_reports_each_trials_lambda_and_exports_its_checkpoints
     job = json.loads((sweep_dir / "sweep.json").read_text())["job"]
     sweep = open_sweep(validate_job(job), resume=sweep_dir.name)
     anchored = [r for r in outcome.rows if r["arm"] == "anchored"]
-    for row in anchored:
+    kept = [r for r in anchored if r["best_checkpoint"]]  # losing trials gave theirs back
+    assert outcome.summary["best_anchored"]["trial_id"] in {r["trial_id"] for r in kept}
+    for row in kept:
         # what the trial's workers recorded, against the driver's row and the formula
         state = json.loads((Path(row["best_checkpoint"]) / "trainer_state.json").read_text())
         worker_lambda = state["anchor"]["lambda"]
