@@ -492,8 +492,9 @@ def discard_download(model: ServedModel) -> None:
 def make_deployment(args: AppArgs):
     """The Serve deployment class for ``args`` (its routes carry the task's schemas)."""
     api, request_model = build_api(args)
-    predict_response = response_model(args.served_task().prediction_model())
-    example = args.served_task().request_example()
+    served_task = args.served_task()
+    predict_response = response_model(served_task.prediction_model())
+    example = served_task.request_example()
 
     @serve.deployment(
         name=DEPLOYMENT_NAME,

@@ -295,16 +295,12 @@ def served_task(user_config: dict) -> str:
 def reads_pairs(user_config: dict) -> bool:
     """Whether the served classifier reads text pairs ({"text", "text_pair"}): its card says
     so; a base serving adapters follows its adapter folders' cards, which must agree."""
-    from tether.card import read_card
-    from tether.serving.adapters import adapter_folder
+    from tether.card import card_or_empty
 
-    model_dir = Path(user_config["model_dir"])
     adapters = user_config.get("adapters")
     if adapters is None:
-        card = read_card(model_dir) if (model_dir / "tether.json").is_file() else {}
-        return bool(card.get("text_pair"))
-    folders = [adapter_folder(Path(f)) for f in (adapters.get("dirs") or {}).values()]
-    found = {bool(read_card(f).get("text_pair")) for f in folders if (f / "tether.json").is_file()}
+        return bool(card_or_empty(user_config["model_dir"]).get("text_pair"))
+    found = {bool(card.get("text_pair")) for card in adapter_cards(adapters).values()}
     if len(found) > 1:
         raise ValueError("--adapter: pair and single-text classifiers cannot share one app")
     return found.pop() if found else False
@@ -313,17 +309,25 @@ def reads_pairs(user_config: dict) -> bool:
 def adapters_task(adapters: dict) -> str:
     """The task the configured adapter folders were trained for (they must agree); a causal LM
     when only registered names are given and the base has no card to say otherwise."""
-    from tether.card import read_card
-    from tether.serving.adapters import adapter_folder
-
     tasks = {
-        model_id: read_card(adapter_folder(Path(folder))).get("task", "causal-lm")
-        for model_id, folder in (adapters.get("dirs") or {}).items()
-        if (adapter_folder(Path(folder)) / "tether.json").is_file()
+        model_id: card.get("task", "causal-lm")
+        for model_id, card in adapter_cards(adapters).items()
     }
     if len(set(tasks.values())) > 1:
         raise ValueError(f"--adapter: adapters of different tasks cannot share a base: {tasks}")
     return next(iter(tasks.values()), "causal-lm")
+
+
+def adapter_cards(adapters: dict) -> dict[str, dict]:
+    """The cards of the configured adapter folders that have one, by model id."""
+    from tether.card import card_or_empty
+    from tether.serving.adapters import adapter_folder
+
+    cards = {
+        model_id: card_or_empty(adapter_folder(Path(folder)))
+        for model_id, folder in (adapters.get("dirs") or {}).items()
+    }
+    return {model_id: card for model_id, card in cards.items() if card}
 
 
 def check_adapters_task(model_dir: Path, task: str) -> None:
